@@ -1,0 +1,177 @@
+"""One entry point from a dataset name or folder path to an :class:`ImageSource`.
+
+``load_dataset`` is what the commands call with ``--data``: a known name (``digits``,
+the embedded offline default; ``cifar10``, ``cifar100``, ``stl10`` via torchvision) or a
+path to an ImageNet-layout image folder. Folder sources are decoded into memory when
+the result fits a byte budget (CIFAR-sized folders) and read from disk otherwise
+(ImageNet).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from .cache import DEFAULT_CACHE_BYTES, cache_in_memory, cache_nbytes, fits_in_memory
+from .digits import load_digits_source
+from .errors import DataError
+from .folders import scan_image_folder
+from .sources import FolderImageSource, ImageSource, TensorImageSource
+from .subsets import first_per_class_indices
+from .torchvision_sets import TORCHVISION_SPLITS, load_torchvision_source
+
+__all__ = ["DATASET_NAMES", "DEFAULT_DATASET", "canvas_for_image_size", "load_dataset", "describe"]
+
+DEFAULT_DATASET = "digits"
+DATASET_NAMES = ("digits", *TORCHVISION_SPLITS)
+"""Names ``load_dataset`` understands; anything else is taken as a folder path."""
+
+CROP_PROPORTION = 0.875
+"""Reference eval centre-crop proportion (SPEC §6): 224 px crops come from 256 px images."""
+
+_MAX_INFERRED_CANVAS = 256
+
+
+def canvas_for_image_size(image_size: int) -> int:
+    """Canvas side for a folder source trained at ``image_size``.
+
+    Small images (<= 32, CIFAR-like) are used at their own size. Larger ones get
+    ``round(image_size / 0.875)`` (256 for 224) so the eval centre crop of 0.875 and
+    the random crops still have full resolution while the in-memory/decoded size stays
+    bounded.
+    """
+    if image_size < 1:
+        raise DataError(f"image_size must be positive; got {image_size}")
+    return image_size if image_size <= 32 else int(round(image_size / CROP_PROPORTION))
+
+
+def _infer_canvas(samples: list[tuple[Path, int]]) -> int:
+    """Longest side among the first image of up to 8 classes, capped at 256."""
+    firsts: dict[int, Path] = {}
+    for path, label in samples:
+        if label not in firsts:
+            firsts[label] = path
+            if len(firsts) == 8:
+                break
+    longest = 1
+    for path in firsts.values():
+        try:
+            with Image.open(path) as img:
+                longest = max(longest, *img.size)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+    return min(longest, _MAX_INFERRED_CANVAS)
+
+
+def _take_per_class(source: TensorImageSource, max_per_class: int) -> TensorImageSource:
+    idx = first_per_class_indices(source.labels, max_per_class)
+    paths = [source.paths[i] for i in idx.tolist()] if source.paths is not None else None
+    return TensorImageSource(
+        source.images[idx], source.labels[idx], source.classes, sizes=source.sizes[idx], paths=paths, root=source.root
+    )
+
+
+def _load_folder(
+    root: Path,
+    split: str,
+    *,
+    image_size: int | None,
+    canvas_size: int | None,
+    max_per_class: int | None,
+) -> FolderImageSource:
+    scan = scan_image_folder(root, max_per_class=max_per_class)
+    if split == "train":
+        samples, split_dir = scan["train"], root / "train"
+    elif split in ("test", "val"):
+        if scan["eval_split"] is None:
+            raise DataError(f"{root} has no evaluation split (expected ROOT/val/<class>/* or ROOT/test/<class>/*)")
+        samples, split_dir = scan["eval"], root / scan["eval_split"]
+    else:
+        raise DataError(f"image folders have splits 'train' and 'test' (or 'val'); got {split!r}")
+    if canvas_size is None:
+        canvas_size = canvas_for_image_size(image_size) if image_size is not None else _infer_canvas(scan["train"])
+    return FolderImageSource(samples, scan["classes"], canvas_size, root=split_dir)
+
+
+def load_dataset(
+    name_or_path: str | Path = DEFAULT_DATASET,
+    *,
+    split: Literal["train", "test", "val", "unlabeled", "train+unlabeled"] = "train",
+    image_size: int | None = None,
+    canvas_size: int | None = None,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    cache: bool | Literal["auto"] = "auto",
+    num_workers: int = 2,
+    max_per_class: int | None = None,
+    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    progress: bool | None = None,
+) -> ImageSource:
+    """Return the images of one split of a named dataset or an image folder.
+
+    Args:
+        name_or_path: one of :data:`DATASET_NAMES` (names win; write ``./cifar10`` for a
+            folder of that name) or the root of an ImageNet-layout folder
+            (``ROOT/train/<class>/*`` and ``ROOT/val|test/<class>/*``).
+        split: ``train`` or ``test``; for folders ``test`` and ``val`` both mean the
+            folder's evaluation split; ``stl10`` also has ``unlabeled`` (100,000 images,
+            label -1) and ``train+unlabeled``.
+        image_size: training resolution; for folders it sets the canvas via
+            :func:`canvas_for_image_size` (32 -> 32, 224 -> 256). Named datasets keep
+            their native size (digits/CIFAR 32, STL-10 96). ``None`` on a folder infers
+            the canvas from the first images (longest side, at most 256).
+        canvas_size: explicit canvas side for folders, overriding ``image_size``.
+        data_root: where torchvision datasets live (default ``$SIMCLRV2_DATA_ROOT`` or
+            ``./data``).
+        download: let torchvision fetch a missing named dataset.
+        cache: folders only: ``'auto'`` decodes into memory when the uint8 tensor fits
+            ``max_cache_bytes`` (4 GiB by default); ``True`` always; ``False`` never.
+        num_workers: decoding processes when caching a folder.
+        max_per_class: keep only the first ``k`` images of each class (deterministic;
+            for quick runs and tests).
+        progress: progress bar while caching (default: when stderr is a terminal).
+
+    Raises:
+        DataError: unknown name and no such folder, missing files without ``download``,
+            bad split, or any folder-layout problem.
+    """
+    name = str(name_or_path)
+    key = name.lower()
+    if key == "digits":
+        source: ImageSource = load_digits_source(split)
+    elif key in TORCHVISION_SPLITS:
+        source = load_torchvision_source(key, split, data_root=data_root, download=download)
+    else:
+        root = Path(name).expanduser()
+        if not root.exists():
+            raise DataError(
+                f"unknown dataset {name!r}: not one of {', '.join(DATASET_NAMES)} and no such folder"
+            )
+        source = _load_folder(
+            root, split, image_size=image_size, canvas_size=canvas_size, max_per_class=max_per_class
+        )
+        if cache is True or (cache == "auto" and fits_in_memory(source, max_cache_bytes)):
+            source = cache_in_memory(source, max_bytes=None, num_workers=num_workers, progress=progress)
+        return source
+    if max_per_class is not None:
+        source = _take_per_class(source, max_per_class)  # type: ignore[arg-type]
+    return source
+
+
+def describe(source: ImageSource) -> dict:
+    """Summary of a source for logs: counts, classes, canvas and memory footprint."""
+    labeled = int((source.labels >= 0).sum())
+    in_memory = isinstance(source, TensorImageSource)
+    return {
+        "type": type(source).__name__,
+        "num_images": len(source),
+        "num_labeled": labeled,
+        "num_classes": source.num_classes,
+        "classes": list(source.classes),
+        "canvas_size": tuple(source.canvas_size),
+        "in_memory": in_memory,
+        "memory_bytes": cache_nbytes(source) if in_memory else 0,
+        "root": str(source.root) if source.root is not None else None,
+    }

@@ -1,0 +1,206 @@
+"""Deterministic, shardable batch iteration over an :class:`ImageSource`.
+
+Why a custom iterator instead of ``DataLoader(shuffle=True)`` + ``DistributedSampler``:
+
+* The order must be a pure function of ``(seed, epoch)`` so that a run resumed from a
+  checkpoint (``start_batch``) sees exactly the batches it would have seen.
+* Sharding must preserve *global batches*: the global permutation is cut into global
+  batches of ``batch_size * world_size`` images and rank ``r`` takes the ``r``-th
+  contiguous slice of each. One process with batch ``2N`` therefore sees, step for step,
+  the concatenation of what two ranks with batch ``N`` see -- the property the
+  multi-process equivalence test of the training loop relies on. (``DistributedSampler``
+  strides the permutation instead, which breaks this.)
+* In-memory sources need no workers at all (a batch is an ``index_select``), while
+  folder sources decode whole batches in ``num_workers`` persistent worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .sources import Batch, ImageSource, TensorImageSource, as_index_tensor
+
+__all__ = ["BatchIterator", "epoch_permutation"]
+
+
+def _generator_seed(seed: int, epoch: int) -> int:
+    """Mix (seed, epoch) into one 64-bit generator seed; distinct for 32-bit inputs."""
+    return ((int(seed) & 0xFFFFFFFF) << 32) | (int(epoch) & 0xFFFFFFFF)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order ``randperm(n)`` of one epoch, a pure function of (seed, epoch)."""
+    gen = torch.Generator()
+    gen.manual_seed(_generator_seed(seed, epoch))
+    return torch.randperm(n, generator=gen)
+
+
+class _BatchDataset(Dataset):
+    """Map-style dataset whose "index" is a whole batch of indices (decoded in a worker)."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+
+    def __getitem__(self, indices: torch.Tensor) -> Batch:
+        return self.source.get_batch(indices)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class _EpochSampler(Sampler):
+    """Yields the owning iterator's current index batches; re-read every epoch so a
+    persistent-worker ``DataLoader`` can be reused across ``set_epoch`` calls."""
+
+    def __init__(self, owner: "BatchIterator") -> None:
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.owner.batch_indices())
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+
+class BatchIterator:
+    """Iterable of :class:`Batch` for one epoch of one rank.
+
+    Args:
+        source: images to read.
+        batch_size: images per batch *per rank*; the global batch is
+            ``batch_size * world_size``.
+        shuffle: permute with ``randperm`` seeded by ``(seed, epoch)``; otherwise keep the
+            order of ``indices`` (or ``0..N-1``).
+        drop_last: drop the last, incomplete global batch (use for training).
+            Without it the incomplete global batch is split as evenly as possible into
+            contiguous parts (``tensor_split``), so every rank yields the same number of
+            batches; a rank's last batch may be smaller, or even empty when fewer images
+            than ranks remain.
+        seed, epoch: determine the permutation.
+        rank, world_size: this process's shard.
+        num_workers: decoding processes for non-memory sources (ignored for
+            :class:`TensorImageSource`); workers persist across :meth:`set_epoch`.
+        indices: restrict iteration to these source indices (e.g. a labelled subset);
+            ``Batch.indices`` still refer to the source.
+        start_batch: skip the first ``start_batch`` batches of the epoch without
+            decoding them (mid-epoch resume).
+        pin_memory: return pinned batches when CUDA is available.
+
+    ``len(iterator)`` is the number of batches an iteration yields, i.e.
+    ``batches_per_epoch - start_batch``.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        indices: torch.Tensor | Sequence[int] | None = None,
+        start_batch: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0; got {num_workers}")
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.num_workers = int(num_workers)
+        self.pool = (
+            torch.arange(len(source)) if indices is None else as_index_tensor(indices, len(source))
+        )
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.prefetch_factor = int(prefetch_factor)
+        self._loader: DataLoader | None = None
+        self.epoch = 0
+        self.start_batch = 0
+        self.set_epoch(epoch, start_batch=start_batch)
+
+    # ------------------------------------------------------------------ ordering
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to another epoch (and optionally resume inside it) keeping the workers."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch must lie in [0, {self.batches_per_epoch}]; got {start_batch}")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per step summed over all ranks."""
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in a full epoch (independent of ``start_batch``)."""
+        n, g = self.pool.numel(), self.global_batch_size
+        return n // g if self.drop_last else math.ceil(n / g)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def order(self) -> torch.Tensor:
+        """All source indices of this epoch in global (pre-sharding) order."""
+        if not self.shuffle:
+            return self.pool
+        return self.pool[epoch_permutation(self.pool.numel(), self.seed, self.epoch)]
+
+    def batch_indices(self) -> list[torch.Tensor]:
+        """This rank's index batches for the rest of the epoch (after ``start_batch``)."""
+        order, g = self.order(), self.global_batch_size
+        batches = []
+        for step in range(self.start_batch, self.batches_per_epoch):
+            global_batch = order[step * g : (step + 1) * g]
+            batches.append(global_batch.tensor_split(self.world_size)[self.rank])
+        return batches
+
+    # ------------------------------------------------------------------ iteration
+    def _uses_workers(self) -> bool:
+        return self.num_workers > 0 and not isinstance(self.source, TensorImageSource)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._uses_workers():
+            if self._loader is None:
+                self._loader = DataLoader(
+                    _BatchDataset(self.source),
+                    batch_size=None,
+                    sampler=_EpochSampler(self),
+                    num_workers=self.num_workers,
+                    collate_fn=_identity,
+                    pin_memory=self.pin_memory,
+                    persistent_workers=True,
+                    prefetch_factor=self.prefetch_factor,
+                )
+            yield from self._loader
+            return
+        for idx in self.batch_indices():
+            batch = self.source.get_batch(idx)
+            if self.pin_memory and not batch.images.is_pinned():
+                batch = Batch(*(t.pin_memory() for t in batch))
+            yield batch
+
+    def close(self) -> None:
+        """Shut down persistent decode workers (they also stop when garbage-collected)."""
+        self._loader = None

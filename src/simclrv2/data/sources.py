@@ -1,0 +1,231 @@
+"""Labelled uint8 image sources: the one interface the training loop reads images from.
+
+Augmentation happens batched on the device (see ``simclrv2.augment``), so a source only
+has to hand out *undistorted* uint8 images of one fixed canvas shape plus the valid
+region of each image. Two implementations cover the practical cases:
+
+* :class:`TensorImageSource` -- everything decoded once into one ``[N, 3, H, W]`` uint8
+  tensor; a batch is an ``index_select``. Used for CIFAR-sized data and the embedded
+  digits set, where per-epoch decoding would dominate the step time.
+* :class:`FolderImageSource` -- a sorted list of files decoded on demand with PIL and
+  letterboxed into the canvas (see :mod:`simclrv2.data.decode`), for sets too large to
+  keep in memory; :class:`~simclrv2.data.loader.BatchIterator` parallelises it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .decode import decode_image
+from .errors import DataError
+
+__all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "as_index_tensor"]
+
+IndexLike = torch.Tensor | Sequence[int]
+
+
+class Batch(NamedTuple):
+    """One batch of undistorted images.
+
+    ``images``: uint8 ``[B, 3, H, W]`` canvases; ``sizes``: int64 ``[B, 2]`` valid
+    ``(h, w)`` of each image in the top-left of its canvas; ``labels``: int64 ``[B]``
+    (-1 = unlabelled); ``indices``: int64 ``[B]`` positions in the source, so callers can
+    map results back (e.g. to a labelled subset or a distillation target table).
+    """
+
+    images: torch.Tensor
+    sizes: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def as_index_tensor(indices: IndexLike, length: int) -> torch.Tensor:
+    """Indices as a 1-D int64 tensor, rejecting negatives and out-of-range values.
+
+    Negative indices are refused rather than wrapped because a wrapped index silently
+    reads the wrong image.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= length):
+        raise IndexError(f"indices must lie in [0, {length}); got min {int(idx.min())}, max {int(idx.max())}")
+    return idx
+
+
+class ImageSource(ABC):
+    """Abstract labelled image collection yielding uint8 batches of one canvas size.
+
+    Attributes every source provides: ``labels`` (int64 ``[N]``, -1 = unlabelled),
+    ``classes`` (names, index = label), and optionally ``paths`` (file paths relative to
+    ``root``, used to match labelled-image lists; ``None`` for non-file datasets).
+    """
+
+    labels: torch.Tensor
+    classes: list[str]
+    paths: list[str] | None = None
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class names (labels lie in ``[0, num_classes)`` or are -1)."""
+        return len(self.classes)
+
+    @property
+    @abstractmethod
+    def canvas_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the uint8 tensors this source yields."""
+
+    @abstractmethod
+    def get_batch(self, indices: IndexLike) -> Batch:
+        """Images, valid sizes, labels and indices for ``indices`` (in that order)."""
+
+    def __repr__(self) -> str:
+        h, w = self.canvas_size
+        return f"{type(self).__name__}(n={len(self)}, classes={self.num_classes}, canvas={h}x{w})"
+
+
+def _check_labels(labels: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() != n:
+        raise ValueError(f"got {labels.numel()} labels for {n} images")
+    return labels
+
+
+class TensorImageSource(ImageSource):
+    """All images in memory as one uint8 ``[N, 3, H, W]`` tensor (the decode cache).
+
+    After the first decode no epoch decodes anything: ``get_batch`` is an
+    ``index_select``. ``sizes`` defaults to the full canvas for every image.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
+        classes: Sequence[str],
+        *,
+        sizes: torch.Tensor | None = None,
+        paths: Sequence[str] | None = None,
+        root: str | Path | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
+        n = images.shape[0]
+        self.images = images
+        self.labels = _check_labels(labels, n)
+        self.classes = list(classes)
+        if sizes is None:
+            sizes = torch.tensor(images.shape[2:], dtype=torch.long).expand(n, 2).clone()
+        self.sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(n, 2)
+        if paths is not None and len(paths) != n:
+            raise ValueError(f"got {len(paths)} paths for {n} images")
+        self.paths = list(paths) if paths is not None else None
+        self.root = Path(root) if root is not None else None
+        self._pinned = False
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the image tensor."""
+        return self.images.numel()
+
+    def pin_memory(self) -> "TensorImageSource":
+        """Pin the image tensor (in place) so batches copy to the GPU asynchronously.
+
+        Batches are then gathered straight into pinned buffers. A no-op without CUDA,
+        so CPU-only runs can call it unconditionally. Returns ``self``.
+        """
+        if torch.cuda.is_available() and not self._pinned:
+            self.images = self.images.pin_memory()
+            self._pinned = True
+        return self
+
+    def get_batch(self, indices: IndexLike) -> Batch:
+        idx = as_index_tensor(indices, len(self))
+        if self._pinned:
+            images = torch.empty((idx.numel(), 3, *self.canvas_size), dtype=torch.uint8, pin_memory=True)
+            torch.index_select(self.images, 0, idx, out=images)
+        else:
+            images = self.images.index_select(0, idx)
+        return Batch(images, self.sizes.index_select(0, idx), self.labels.index_select(0, idx), idx)
+
+
+def _canvas_tuple(canvas_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(canvas_size, int):
+        canvas_size = (canvas_size, canvas_size)
+    h, w = (int(v) for v in canvas_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"canvas_size must be positive; got {canvas_size}")
+    return h, w
+
+
+class FolderImageSource(ImageSource):
+    """Image files decoded on demand with PIL and letterboxed into a fixed canvas.
+
+    Each image is converted to RGB (alpha composited on white, 16-bit scaled to 8-bit;
+    see :mod:`simclrv2.data.decode`), resized bicubically so that its longer side equals
+    the (square) canvas side, aspect ratio kept, and placed top-left on a zero canvas.
+    ``Batch.sizes`` gives the resized ``(h, w)``; the augmentation samples its random
+    crop inside that region, so crops mean the same as crops of the original image up
+    to one resampling.
+
+    ``samples`` are ``(path, label)`` pairs; with ``root`` given, relative paths are
+    resolved against it and ``paths`` exposes every path relative to ``root`` (POSIX
+    form), which is what labelled-image lists are matched against.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, int]],
+        classes: Sequence[str],
+        canvas_size: int | tuple[int, int],
+        *,
+        root: str | Path | None = None,
+    ) -> None:
+        self.root = Path(root) if root is not None else None
+        self.classes = list(classes)
+        self._canvas = _canvas_tuple(canvas_size)
+        paths: list[str] = []
+        for path, _ in samples:
+            p = Path(path)
+            if self.root is not None and p.is_absolute():
+                try:
+                    p = p.relative_to(self.root)
+                except ValueError as exc:
+                    raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
+            paths.append(p.as_posix())
+        self.paths = paths
+        self.labels = _check_labels([label for _, label in samples], len(paths))
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return self._canvas
+
+    def file_path(self, index: int) -> Path:
+        """Full path of image ``index`` on disk."""
+        rel = self.paths[index]
+        return self.root / rel if self.root is not None else Path(rel)
+
+    def decode(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Decode image ``index``: uint8 ``[3, H, W]`` canvas and its valid ``(h, w)``."""
+        return decode_image(self.file_path(index), self._canvas)
+
+    def get_batch(self, indices: IndexLike) -> Batch:
+        idx = as_index_tensor(indices, len(self))
+        images = torch.empty((idx.numel(), 3, *self._canvas), dtype=torch.uint8)
+        sizes = torch.empty((idx.numel(), 2), dtype=torch.long)
+        for row, i in enumerate(idx.tolist()):
+            canvas, (h, w) = self.decode(i)
+            images[row] = canvas
+            sizes[row, 0], sizes[row, 1] = h, w
+        return Batch(images, sizes, self.labels.index_select(0, idx), idx)

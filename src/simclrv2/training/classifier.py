@@ -1,0 +1,108 @@
+"""The supervised-style training loop shared by fine-tuning, the supervised baseline and distillation.
+
+All three train a network whose ``logits`` come from a linear classifier, on random crop +
+horizontal flip only (SPEC §0, §6). They differ in the network they start from and the loss:
+cross-entropy on labels (fine-tune, supervised), or the distillation loss of paper Eq. 2-3
+against a fixed teacher that sees the same augmented view (distill).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2.augment import AugmentConfig, SimCLRAugmentation
+from simclrv2.config import Config
+from simclrv2.losses import mixed_distillation_loss
+from simclrv2.optim import l2_penalty
+from simclrv2.training.data_setup import RunData
+from simclrv2.training.evaluate import evaluate_classifier
+from simclrv2.training.model_io import export_model
+from simclrv2.training.rundir import RunDirectory
+from simclrv2.training.runtime import Runtime
+from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, describe_plan, plan_steps
+
+
+class ClassifierTrainer(Trainer):
+    """Train ``net`` (a SimCLRNet with a classifier) on ``indices`` of the training images."""
+
+    def __init__(self, stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
+                 indices: torch.Tensor | None, plan: StepPlan, net: nn.Module, meta: dict[str, Any], *,
+                 teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0) -> None:
+        super().__init__(cfg, rt, run, data.train, indices, plan)
+        self.stage = stage
+        self.data, self.meta = data, meta
+        self.labels = data.labels_for_training()
+        if rt.distributed and cfg.global_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        self.net = rt.prepare_model(net)
+        self.model = self.net
+        if rt.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(cfg, self.net, plan.peak_lr)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = rt.prepare_model(teacher).eval().requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size))
+        self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay)
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        images = self.rt.to_input(batch.images)
+        x = self.rt.layout(self.augment(images, self.generators["augment"], sizes=batch.sizes.to(self.rt.device)))
+        labels = self.labels[batch.indices].to(self.rt.device)
+        with self.rt.autocast():
+            logits = self.model(x)["logits"]
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)["logits"]
+        metrics: dict[str, torch.Tensor] = {}
+        if teacher_logits is not None:
+            loss = mixed_distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+            metrics["agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+        if self.classifier_l2:
+            loss = loss + l2_penalty(self.net.classifier, self.cfg.weight_decay)
+        self.backward_and_step(loss)
+        valid = labels >= 0
+        metrics["acc"] = ((logits.argmax(1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        metrics["loss"] = loss.detach()
+        return metrics
+
+    def model_meta(self) -> dict[str, Any]:
+        return self.meta
+
+
+def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
+                       indices: torch.Tensor | None, net: nn.Module, meta: dict[str, Any], *,
+                       teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0,
+                       extra_results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plan, train, export ``model.safetensors``, evaluate top-1/top-5 and write results.json."""
+    num_examples = len(indices) if indices is not None else len(data.train)
+    plan = plan_steps(cfg, num_examples, cfg.batch_size)
+    if rt.is_main:
+        print(describe_plan(stage, plan, num_examples, rt))
+    trainer = ClassifierTrainer(stage, cfg, rt, run, data, indices, plan, net, meta, teacher=teacher,
+                                temperature=temperature, alpha=alpha)
+    final = trainer.fit()
+    results: dict[str, Any] = {"stage": stage, "arch": meta["arch"], "steps": trainer.step,
+                               "num_labeled": int(len(data.labeled_indices)), "train_images": num_examples,
+                               "final": final, **(extra_results or {})}
+    if rt.is_main:
+        export_model(trainer.net, run.path / "model.safetensors", meta)
+        if data.test is not None:
+            metrics = evaluate_classifier(trainer.net, data.test, rt, image_size=data.image_size,
+                                          batch_size=cfg.eval_batch_size, progress=cfg.progress)
+            results.update(metrics)
+            print(f"{stage}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f} -> {run.path}")
+    run.write_results(results)
+    run.close()
+    return results

@@ -1,0 +1,68 @@
+"""Turn the data options of a Config into the sources a stage trains and evaluates on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from simclrv2.config import Config, is_dataset_name
+from simclrv2.data import ImageSource, load_dataset, make_split
+
+log = logging.getLogger(__name__)
+
+NATIVE_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
+
+
+def default_image_size(cfg: Config) -> int:
+    if cfg.image_size:
+        return int(cfg.image_size)
+    return NATIVE_IMAGE_SIZE.get(cfg.data, 224) if is_dataset_name(cfg.data) else 224
+
+
+@dataclass
+class RunData:
+    """Training images (all of them: the unlabelled pool), the labelled subset, the test split."""
+
+    train: ImageSource
+    test: ImageSource | None
+    labeled_indices: torch.Tensor
+    image_size: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    def labels_for_training(self) -> torch.Tensor:
+        """Training labels with every image outside the labelled subset set to -1 (unlabelled)."""
+        labels = torch.full_like(self.train.labels, -1)
+        labels[self.labeled_indices] = self.train.labels[self.labeled_indices]
+        return labels
+
+
+def prepare_data(cfg: Config, *, need_test: bool = True, unlabeled_pool: bool = False) -> RunData:
+    """Load the train (and test) split and choose the labelled subset (SPEC §0 step 2).
+
+    ``unlabeled_pool``: for STL-10, add the 100k 'unlabeled' split to the training pool of
+    pretraining and distillation."""
+    image_size = default_image_size(cfg)
+    common = dict(image_size=image_size, data_root=cfg.data_root, download=cfg.download,
+                  num_workers=cfg.num_workers)
+    train = load_dataset(cfg.data, split="train", max_per_class=cfg.max_per_class, **common)
+    test = None
+    if need_test:
+        try:
+            test = load_dataset(cfg.data, split="test", **common)
+        except FileNotFoundError:
+            test = None
+        if test is not None and list(test.classes) != list(train.classes):
+            from simclrv2.data import DataError
+            raise DataError("data: the class lists of the train and test splits differ")
+    labeled, _ = make_split(train, label_fraction=cfg.label_fraction, labeled_list=cfg.labeled_list,
+                            seed=cfg.seed)
+    return RunData(train=train, test=test, labeled_indices=labeled, image_size=image_size)

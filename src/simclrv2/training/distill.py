@@ -1,0 +1,58 @@
+"""Step 3: distillation with unlabelled data (paper §2 Eq. 2-3, SPEC §0, §5).
+
+The fine-tuned (or already distilled) teacher is fixed and in eval mode; the student (``--arch``:
+the teacher's architecture = self-distillation, a smaller one = big-to-small) has no projection
+head and learns from the teacher's temperature softmax on every training image, the unlabelled
+pool included. ``--alpha`` < 1 mixes in the labelled cross-entropy (Eq. 3). Temperature defaults
+to 0.1 for self-distillation and 1.0 for a different student, as in the paper. Same schedule,
+weight decay and batch size as pretraining; random crop + flip only.
+
+Deviation, stated: the teacher sees the student's augmented view (standard practice; the paper
+does not say whether teacher and student share the view).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simclrv2.config import Config, ConfigError
+from simclrv2.models import create_model
+from simclrv2.training.classifier import train_and_evaluate
+from simclrv2.training.data_setup import prepare_data
+from simclrv2.training.model_io import load_network, model_meta
+from simclrv2.training.rundir import RunDirectory
+from simclrv2.training.runtime import setup_runtime
+
+SELF_DISTILLATION_TEMPERATURE = 0.1
+BIG_TO_SMALL_TEMPERATURE = 1.0
+
+
+def distill(cfg: Config) -> dict[str, Any]:
+    """``simclrv2 distill``."""
+    rt = setup_runtime(cfg)
+    teacher, teacher_meta = load_network(cfg.teacher)
+    if not teacher_meta.get("num_classes"):
+        raise ConfigError(f"teacher: {cfg.teacher} has no classifier (a pretraining checkpoint?); fine-tune it "
+                          "first")
+    if cfg.image_size and cfg.image_size != teacher_meta["image_size"]:
+        raise ConfigError(f"image_size: the teacher was trained at {teacher_meta['image_size']} px, got "
+                          f"--image-size {cfg.image_size}")
+    cfg = cfg.replace(image_size=teacher_meta["image_size"])
+    temperature = cfg.temperature
+    if temperature is None:
+        temperature = (SELF_DISTILLATION_TEMPERATURE if cfg.arch == teacher_meta["arch"]
+                       else BIG_TO_SMALL_TEMPERATURE)
+        cfg = cfg.replace(temperature=temperature)
+    run = RunDirectory.create(cfg, "distill", rt.is_main)
+    data = prepare_data(cfg, need_test=True)
+    if teacher_meta.get("classes") and list(teacher_meta["classes"]) != data.classes:
+        raise ConfigError("data: the teacher's classes differ from this data set's classes")
+    meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
+                      num_classes=data.num_classes, classes=data.classes, stage="distill")
+    student = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0,
+                           num_classes=data.num_classes, zero_init_classifier=False)
+    return train_and_evaluate("distill", cfg, rt, run, data, None, student, meta, teacher=teacher,
+                              temperature=temperature, alpha=cfg.alpha,
+                              extra_results={"teacher": str(cfg.teacher), "teacher_arch": teacher_meta["arch"],
+                                             "temperature": temperature, "alpha": cfg.alpha,
+                                             "label_fraction": cfg.label_fraction})

@@ -1,0 +1,231 @@
+"""Step 1: task-agnostic SimCLRv2 pretraining (paper §2, SPEC §0, §3-§6).
+
+Per step: two augmented views of every image of the batch (batched on the training device),
+both views through encoder + 3-layer projection head in ONE forward (BatchNorm statistics shared
+by the two views, SyncBatchNorm across processes = the reference's global BN), NT-Xent with
+negatives gathered from every process, optionally extra negatives from a FIFO queue filled by an
+EMA ("momentum") copy of the network (paper §2's MoCo-style memory, not in the public code,
+SPEC §9), and LARS with linear warmup + cosine decay. An online linear probe on stop-gradient
+features (TF2 ``lineareval_while_pretraining``) and a kNN monitor on the test split show the
+representation improving while it trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2.augment import AugmentConfig, SimCLRAugmentation
+from simclrv2.config import Config
+from simclrv2.losses import NegativeQueue, contrastive_loss
+from simclrv2.models import create_model
+from simclrv2.optim import l2_penalty
+from simclrv2.training.data_setup import RunData, prepare_data
+from simclrv2.training.evaluate import knn_accuracy, run_inference
+from simclrv2.training.model_io import export_model, model_meta, unwrap
+from simclrv2.training.rundir import RunDirectory
+from simclrv2.training.runtime import Runtime, setup_runtime
+from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, describe_plan, plan_steps
+from simclrv2.utils import distributed as dist_utils
+from simclrv2.utils.ema import ModelEMA
+
+KNN_BANK_SIZE = 5000
+KNN_TEST_SIZE = 2000
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over rows with a label (>= 0) and their accuracy; 0 when none (no host sync)."""
+    valid = labels >= 0
+    count = valid.sum().clamp(min=1)
+    safe = labels.clamp(min=0)
+    ce = F.cross_entropy(logits.float(), safe, reduction="none")
+    loss = (ce * valid).sum() / count
+    acc = ((logits.argmax(1) == labels) & valid).sum() / count
+    return loss, acc
+
+
+class PretrainStep:
+    """Loss + update for one batch of views; the unit the distributed-equivalence test drives.
+
+    ``views`` is [2N, 3, S, S] (all first views, then all second views) on the device and
+    ``labels`` [N] (-1 = unlabelled; used only by the online probe)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
+                 temperature: float, weight_decay: float = 0.0, ema: ModelEMA | None = None,
+                 queue: NegativeQueue | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+        self.model, self.optimizer, self.rt = model, optimizer, rt
+        self.temperature, self.weight_decay = temperature, weight_decay
+        self.ema, self.queue = ema, queue
+        self.scaler = scaler or rt.grad_scaler()
+
+    def loss(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.rt.autocast():
+            out = self.model(views)
+        z_a, z_b = out["projection"].chunk(2)
+        negatives = self.queue.negatives() if self.queue is not None else None
+        closs = contrastive_loss(z_a, z_b, self.temperature, queue=negatives)
+        loss = closs.loss
+        metrics = {"contrast_loss": closs.loss.detach(), "contrast_acc": closs.accuracy,
+                   "contrast_entropy": closs.entropy}
+        if out.get("logits") is not None:
+            probe_loss, probe_acc = masked_cross_entropy(out["logits"], labels.repeat(2))
+            loss = loss + probe_loss
+            classifier = unwrap(self.model).classifier
+            if self.weight_decay:
+                loss = loss + l2_penalty(classifier, self.weight_decay)
+            metrics.update(probe_loss=probe_loss.detach(), probe_acc=probe_acc.detach())
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    @torch.no_grad()
+    def update_memory(self, views: torch.Tensor) -> None:
+        """EMA update of the momentum network, then queue its projections of this batch."""
+        if self.ema is None:
+            return
+        self.ema.update(self.model)
+        if self.queue is None:
+            return
+        with self.rt.autocast():
+            z = self.ema.module(views)["projection"]
+        z = F.normalize(z.float(), dim=1)
+        self.queue.enqueue(dist_utils.gather_with_grad(z).detach())
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor, *, nonfinite: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+        loss, metrics = self.loss(views, labels)
+        if nonfinite is not None:
+            nonfinite |= ~torch.isfinite(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.update_memory(views)
+        return metrics
+
+
+class PretrainTrainer(Trainer):
+    stage = "pretrain"
+
+    def __init__(self, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData, plan: StepPlan) -> None:
+        super().__init__(cfg, rt, run, data.train, None, plan)
+        self.data = data
+        self.labels = data.labels_for_training()
+        has_labels = bool((self.labels >= 0).any())
+        self.num_classes = data.num_classes if (cfg.linear_probe and has_labels) else 0
+        selector = cfg.ft_proj_selector if cfg.ft_proj_selector is not None else 0
+        net = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=cfg.num_proj_layers,
+                           proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
+                           ft_proj_selector=selector, classifier_stop_grad=True)
+        if cfg.num_proj_layers == 0:
+            raise ValueError("pretraining needs a projection head (num_proj_layers >= 2)")
+        self.meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=cfg.num_proj_layers,
+                               proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
+                               ft_proj_selector=selector, classes=data.classes, stage="pretrain")
+        if rt.distributed and cfg.global_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = rt.prepare_model(net)
+        self.net = net
+        self.model = net
+        if rt.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(cfg, net, plan.peak_lr)
+        self.ema = ModelEMA(net, decay=cfg.ema_decay) if cfg.memory_size > 0 else None
+        self.queue = NegativeQueue(cfg.memory_size, cfg.proj_out_dim).to(rt.device) if cfg.memory_size > 0 else None
+        self.step_fn = PretrainStep(self.model, self.optimizer, rt, temperature=cfg.temperature,
+                                    weight_decay=cfg.weight_decay or 0.0, ema=self.ema, queue=self.queue,
+                                    scaler=self.scaler)
+        aug_cfg = AugmentConfig.for_pretraining(data.image_size, color_jitter_strength=cfg.color_jitter_strength,
+                                                use_blur=cfg.use_blur)
+        aug_cfg.crop_method = cfg.crop_method
+        self.augment = SimCLRAugmentation(aug_cfg)
+        self.knn_due = cfg.knn_every
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        images = self.rt.to_input(batch.images)
+        sizes = batch.sizes.to(self.rt.device)
+        views = self.rt.layout(self.augment.two_views(images, self.generators["augment"], sizes=sizes))
+        labels = self.labels[batch.indices].to(self.rt.device)
+        metrics = self.step_fn(views, labels, nonfinite=self._nonfinite)
+        if self.knn_due and self.step + 1 > 0 and (self.step + 1) % self.knn_due == 0:
+            self.monitor_knn(self.step + 1)
+        return metrics
+
+    # ---- checkpoint contents -------------------------------------------------------------
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        weights = {"model": self.net.state_dict()}
+        if self.ema is not None:
+            weights["ema"] = self.ema.module.state_dict()
+        return weights
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"queue": self.queue.state_dict()} if self.queue is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.ema is not None and "ema" in weights:
+            self.ema.module.load_state_dict(weights["ema"])
+        if self.queue is not None and "queue" in state:
+            self.queue.load_state_dict(state["queue"])
+
+    def model_meta(self) -> dict[str, Any]:
+        return self.meta
+
+    # ---- monitors ----------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.cfg.knn_every == 0 and self.data.test is not None:
+            self.monitor_knn(self.step)
+
+    def monitor_knn(self, step: int) -> float | None:
+        """kNN top-1 of encoder features (labelled training images as the bank) on the test split."""
+        if not self.rt.is_main or self.data.test is None:
+            return None
+        labeled = self.data.labeled_indices
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        bank = labeled[torch.randperm(len(labeled), generator=gen)[:KNN_BANK_SIZE]].sort().values
+        test_n = len(self.data.test)
+        test_idx = torch.randperm(test_n, generator=gen)[:KNN_TEST_SIZE].sort().values
+        size = self.data.image_size
+        bank_out, bank_labels = run_inference(self.net, self.data.train, self.rt, image_size=size, indices=bank,
+                                              batch_size=self.cfg.eval_batch_size, keys=("features",))
+        test_out, test_labels = run_inference(self.net, self.data.test, self.rt, image_size=size,
+                                              indices=test_idx, batch_size=self.cfg.eval_batch_size,
+                                              keys=("features",))
+        acc = knn_accuracy(bank_out["features"], bank_labels, test_out["features"], test_labels,
+                           k=self.cfg.knn_k, num_classes=self.data.num_classes)
+        self.run.log(step, {"knn_top1": acc}, prefix="monitor")
+        self.last_knn = acc
+        return acc
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """``simclrv2 pretrain``: returns the results written to ``results.json``."""
+    rt = setup_runtime(cfg)
+    run = RunDirectory.create(cfg, "pretrain", rt.is_main)
+    data = prepare_data(cfg, need_test=True)
+    plan = plan_steps(cfg, len(data.train), cfg.batch_size)
+    if rt.is_main:
+        print(describe_plan("pretrain", plan, len(data.train), rt))
+    trainer = PretrainTrainer(cfg, rt, run, data, plan)
+    metrics = trainer.fit()
+    results: dict[str, Any] = {"stage": "pretrain", "arch": cfg.arch, "steps": trainer.step,
+                               "final": metrics}
+    if data.test is not None:
+        knn = trainer.monitor_knn(trainer.step)
+        if knn is not None:
+            results["knn_top1"] = knn
+    if rt.is_main:
+        export_model(trainer.net, run.path / "model.safetensors", trainer.meta)
+        if trainer.ema is not None:
+            export_model(trainer.ema.module, run.path / "ema_model.safetensors", trainer.meta)
+    run.write_results(results)
+    run.close()
+    if rt.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "contrast_acc"))
+        print(f"pretrain done: {summary}" + (f", kNN top-1 {results['knn_top1']:.4f}" if "knn_top1" in results
+                                             else "") + f" -> {run.path}")
+    return results

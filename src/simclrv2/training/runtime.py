@@ -1,0 +1,157 @@
+"""Where and how a run computes: device, precision, memory layout, processes, seeds.
+
+``precision=auto`` picks bf16 autocast where bf16 matrix products are native (CUDA GPUs with
+bf16, CPUs with AVX-512-BF16 or AMX) and fp32 elsewhere. bf16 keeps fp32's exponent range, so
+no loss scaling is needed; fp16 (CUDA only) uses a gradient scaler. Losses are computed in
+fp32 inside the loss functions either way (SPEC §3 note on log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from simclrv2.config import Config, ConfigError
+from simclrv2.utils import distributed as dist_utils
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises AVX-512-BF16 or AMX-BF16 (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in text or "amx_bf16" in text
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32 (resolved)
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Move a uint8 batch to the device (non-blocking from pinned memory)."""
+        return images.to(self.device, non_blocking=True)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda was requested but no CUDA GPU is available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """Initialise processes (torchrun env), the device and precision, and seeds."""
+    rank, world_size, local_rank = dist_utils.setup_distributed()
+    device = resolve_device(cfg.device, local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed + rank)
+    return Runtime(device=device, precision=precision, channels_last=cfg.channels_last, rank=rank,
+                   world_size=world_size, local_rank=local_rank)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """All random states needed to continue a run bit-for-bit (saved in checkpoints)."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    for name, gen in generators.items():
+        state[f"gen_{name}"] = gen.get_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    for name, gen in generators.items():
+        if f"gen_{name}" in state:
+            gen.set_state(state[f"gen_{name}"])
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def default_num_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1)

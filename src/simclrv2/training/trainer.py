@@ -1,0 +1,224 @@
+"""One readable training loop shared by every stage (in the spirit of the DINO / MoCo v3 loops).
+
+A stage subclasses :class:`Trainer` and implements :meth:`Trainer.train_step` (one optimiser
+step on one batch, returning detached metric tensors). The loop owns what every stage needs:
+the learning-rate schedule (SPEC §5), distributed batch sharding, the progress bar (loss, rate,
+ETA), JSON-lines + TensorBoard logs, periodic crash-safe checkpoints, ``--resume`` at the exact
+batch where a run stopped, and the guard that stops on a NaN/Inf loss without overwriting the
+last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from simclrv2.config import Config, ConfigError
+from simclrv2.data import BatchIterator, ImageSource
+from simclrv2.optim import LARS, WarmupCosineSchedule, lars_param_groups, scale_learning_rate, steps_for, \
+    warmup_steps_for
+from simclrv2.training.errors import TrainingError
+from simclrv2.training.rundir import RunDirectory
+from simclrv2.training.runtime import Runtime, make_generator, restore_rng_state, rng_state
+from simclrv2.utils import distributed as dist_utils
+
+
+@dataclass
+class StepPlan:
+    """How many steps a stage runs (SPEC §5: total = N·E//B + 1, warmup = round(E_w·N//B))."""
+
+    steps_per_epoch: int
+    schedule_steps: int
+    warmup_steps: int
+    run_steps: int
+    global_batch: int
+    peak_lr: float
+
+
+def plan_steps(cfg: Config, num_examples: int, global_batch: int) -> StepPlan:
+    if num_examples < 1:
+        raise ConfigError("data: no training images for this stage")
+    global_batch = min(int(global_batch), num_examples)
+    steps_per_epoch = max(1, num_examples // global_batch)
+    schedule_steps = cfg.schedule_steps or steps_for(num_examples, float(cfg.epochs), global_batch)
+    warmup = min(warmup_steps_for(float(cfg.warmup_epochs or 0.0), num_examples, global_batch), schedule_steps)
+    run_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, int(cfg.max_steps))
+    peak = scale_learning_rate(cfg.learning_rate, global_batch, cfg.learning_rate_scaling)
+    return StepPlan(steps_per_epoch, schedule_steps, warmup, run_steps, global_batch, peak)
+
+
+def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+    """LARS with BN/bias/classifier exclusions (SPEC §4) or Nesterov momentum SGD with L2 on
+    every non-BatchNorm parameter (the reference's ``momentum`` optimiser)."""
+    if cfg.optimizer == "lars":
+        groups = lars_param_groups(model, weight_decay=cfg.weight_decay or 0.0)
+        return LARS(groups, lr=peak_lr, momentum=cfg.momentum)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_bn = param.ndim <= 1 and not name.endswith("bias")
+        (no_decay if is_bn else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay or 0.0},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=peak_lr, momentum=cfg.momentum, nesterov=True)
+
+
+class Trainer:
+    """Base class: subclasses set ``self.model`` (possibly DDP-wrapped), ``self.optimizer`` and
+    implement :meth:`train_step`; optionally :meth:`extra_state`, :meth:`load_extra_state`,
+    :meth:`on_epoch_end`, :meth:`checkpoint_weights`."""
+
+    stage = "train"
+
+    def __init__(self, cfg: Config, rt: Runtime, run: RunDirectory, source: ImageSource,
+                 indices: torch.Tensor | None, plan: StepPlan) -> None:
+        self.cfg, self.rt, self.run, self.source, self.indices, self.plan = cfg, rt, run, source, indices, plan
+        if plan.global_batch % rt.world_size:
+            raise ConfigError(f"batch_size: the global batch {plan.global_batch} must divide evenly over "
+                              f"{rt.world_size} processes")
+        self.local_batch = plan.global_batch // rt.world_size
+        self.schedule = WarmupCosineSchedule(plan.peak_lr, plan.warmup_steps, plan.schedule_steps)
+        self.generators = {"augment": make_generator(rt.device, cfg.seed * 1000 + 17 + rt.rank)}
+        self.step = 0
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
+        self.scaler = rt.grad_scaler()
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- to implement ------------------------------------------------------------------
+    def train_step(self, batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        pass
+
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        from simclrv2.training.model_io import unwrap
+        return {"model": unwrap(self.model).state_dict()}
+
+    def model_meta(self) -> dict[str, Any]:
+        return {}
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    # ---- shared machinery --------------------------------------------------------------
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward with optional fp16 scaling, then an optimiser step; records non-finite losses
+        on the device (checked at log/checkpoint time, so no per-step host sync)."""
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def check_finite(self) -> None:
+        if bool(self._nonfinite):
+            raise TrainingError(
+                f"the loss became NaN or Inf at or before step {self.step}; the run was stopped and the last "
+                f"good checkpoint was kept ({self.run.checkpoints.latest() or 'none yet'}). Try a lower "
+                "--learning-rate, --precision fp32, or check the input data.")
+
+    def save_checkpoint(self) -> None:
+        self.check_finite()
+        if not self.rt.is_main:
+            return
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng_state(self.generators), **self.extra_state()}
+        meta = {"stage": self.stage, **self.model_meta()}
+        try:
+            self.run.checkpoints.save(self.step, weights=self.checkpoint_weights(), state=state, meta=meta)
+        except OSError as exc:
+            raise TrainingError(f"could not write a checkpoint to {self.run.checkpoints.root} "
+                                f"({exc.strerror or exc}); the previous checkpoint is intact") from exc
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        latest = self.run.checkpoints.latest()
+        if latest is None:
+            if self.rt.is_main:
+                print(f"resume: no checkpoint in {self.run.path}, starting from scratch")
+            return
+        ckpt = self.run.checkpoints.load(latest)
+        from simclrv2.training.model_io import unwrap
+        unwrap(self.model).load_state_dict(ckpt["weights"]["model"])
+        state = ckpt["state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"], self.generators)
+        self.load_extra_state(state, ckpt["weights"])
+        self.step = int(state["step"])
+        if self.rt.is_main:
+            print(f"resume: continuing from step {self.step} ({latest})")
+
+    def batches(self, epoch: int, start_batch: int) -> BatchIterator:
+        return BatchIterator(self.source, self.local_batch, shuffle=True, drop_last=True, seed=self.cfg.seed,
+                             epoch=epoch, rank=self.rt.rank, world_size=self.rt.world_size,
+                             num_workers=self.cfg.num_workers, indices=self.indices, start_batch=start_batch)
+
+    def _log(self, metrics: dict[str, torch.Tensor], images_per_s: float, pbar: tqdm) -> None:
+        values = {k: float(dist_utils.all_reduce_mean(v.detach().float())) for k, v in metrics.items()}
+        self.check_finite()
+        values["lr"] = self.schedule.lr_at(self.step - 1)
+        values["images_per_s"] = images_per_s
+        self.last_metrics = values
+        self.run.log(self.step, values)
+        shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "contrast_acc", "acc", "lr")}
+        shown["img/s"] = f"{images_per_s:.0f}"
+        pbar.set_postfix(shown, refresh=False)
+
+    def fit(self) -> dict[str, float]:
+        """Run until ``plan.run_steps`` (or resume and finish); returns the last logged metrics."""
+        self.maybe_resume()
+        plan = self.plan
+        pbar = tqdm(total=plan.run_steps, initial=self.step, desc=self.stage, unit="step",
+                    disable=not (self.cfg.progress and self.rt.is_main), dynamic_ncols=True)
+        self.model.train()
+        window_start, window_images = time.perf_counter(), 0
+        try:
+            while self.step < plan.run_steps:
+                epoch, start_batch = divmod(self.step, plan.steps_per_epoch)
+                for batch in self.batches(epoch, start_batch):
+                    self.schedule.apply(self.optimizer, self.step)
+                    metrics = self.train_step(batch)
+                    self.step += 1
+                    window_images += len(batch.labels) * self.rt.world_size
+                    pbar.update(1)
+                    last = self.step >= plan.run_steps
+                    if self.step % self.cfg.log_every == 0 or last:
+                        elapsed = time.perf_counter() - window_start
+                        self._log(metrics, window_images / max(elapsed, 1e-9), pbar)
+                        window_start, window_images = time.perf_counter(), 0
+                    if self.step % self.cfg.checkpoint_every == 0 and not last:
+                        self.save_checkpoint()
+                    if last or self.step % plan.steps_per_epoch == 0:
+                        break
+                if self.step % plan.steps_per_epoch == 0:
+                    self.on_epoch_end(self.step // plan.steps_per_epoch)
+            self.save_checkpoint()
+        finally:
+            pbar.close()
+        return self.last_metrics
+
+
+def describe_plan(stage: str, plan: StepPlan, num_examples: int, rt: Runtime) -> str:
+    return (f"{stage}: {num_examples} images, global batch {plan.global_batch}, {plan.run_steps} steps "
+            f"(schedule {plan.schedule_steps}, warmup {plan.warmup_steps}, {plan.steps_per_epoch}/epoch), "
+            f"peak lr {plan.peak_lr:.4g}, {rt.device.type} {rt.precision}"
+            + (f", {rt.world_size} processes" if rt.distributed else ""))
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,137 @@
+"""Process-group helpers and a differentiable all-gather for cross-replica negatives.
+
+Why: NT-Xent in SimCLR draws its negatives from the GLOBAL batch (SPEC §3). The reference
+builds the global concatenation with ``tpu_cross_replica_concat`` (scatter the local block
+into a zero tensor, then all-reduce SUM); because the gradient of an all-reduce is an
+all-reduce, gradients produced by *other* replicas' logits flow back to the local features.
+:func:`gather_with_grad` reproduces that: forward = ``all_gather`` + concatenation in rank
+order, backward = all-reduce SUM of the incoming gradient then the local slice, which is
+exactly the reference's scatter + all-reduce SUM seen from one rank.
+
+Everything here degrades to the identity / single-process values when ``torch.distributed``
+is unavailable or not initialised, so the same code path runs on a laptop and under torchrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "gather_with_grad",
+    "all_reduce_mean",
+    "setup_distributed",
+    "cleanup_distributed",
+]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised (any world size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when not distributed."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 when not distributed."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for our slice.
+
+    Forward: ``out = cat([x_0, ..., x_{W-1}])`` (all ranks must pass the same shape).
+    Backward: rank r's ``x_r`` appears in the ``out`` of every rank, so
+    ``dL_total/dx_r = sum_s dL_s/dout_s[r-th block]``: an all-reduce SUM of the incoming
+    gradient followed by taking block r (SPEC §3: scatter + all-reduce SUM).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        world_size = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.local_rows = x.shape[0]
+        x = x.contiguous()
+        chunks = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(chunks, x)
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.local_rows
+        return grad[start : start + ctx.local_rows]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 in rank order, keeping gradients.
+
+    Identity when not distributed (or world size 1). Every rank must pass a tensor of the
+    same shape (SimCLR uses drop_remainder batches, SPEC §6).
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of ``t`` over ranks (a new tensor); for logging metrics, not for gradients."""
+    if not is_distributed() or get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / get_world_size()
+
+
+def setup_distributed(
+    backend: str | None = None,
+    timeout: datetime.timedelta | float | None = None,
+) -> tuple[int, int, int]:
+    """Initialise the default process group from torchrun's environment variables.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (``MASTER_ADDR``/``MASTER_PORT`` are
+    read by ``init_process_group`` itself). A no-op returning ``(0, 1, 0)`` when
+    ``WORLD_SIZE`` is absent or 1. Backend defaults to NCCL when CUDA is available, else
+    Gloo; with CUDA the local device is selected before initialisation. ``timeout`` (a
+    timedelta or seconds; default 10 minutes) bounds how long a collective may hang.
+
+    Returns ``(rank, world_size, local_rank)``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if is_distributed():
+        return get_rank(), get_world_size(), local_rank
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
+    elif not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world_size, timeout=timeout
+    )
+    return rank, world_size, local_rank
+
+
+def cleanup_distributed() -> None:
+    """Destroy the default process group if one exists."""
+    if is_distributed():
+        dist.destroy_process_group()

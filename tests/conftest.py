@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny generated image folders, so tests need no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CLASS_COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+"""The fixture's classes (sorted order = label order) and the colour of their images."""
+
+
+def write_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int], mode: str = "RGB") -> Path:
+    """Save a solid-colour image of ``size`` (W, H); the format follows the extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    if mode != "RGB":
+        img = img.convert(mode)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}[path.suffix.lower()]
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """``ROOT/train/<class>/*`` (4 images) and ``ROOT/test/<class>/*`` (2) for 3 classes.
+
+    Extensions come in mixed case (``.png``, ``.JPG``, ``.Png``, ``.jpeg``), sizes and
+    aspect ratios differ, one image per class is grayscale, and file names are unique
+    across classes (``<class><i>.<ext>``) like ImageNet's.
+    """
+    root = tmp_path / "folder"
+    for name, colour in CLASS_COLOURS.items():
+        write_image(root / "train" / name / f"{name}0.png", (10, 6), colour)
+        write_image(root / "train" / name / f"{name}1.JPG", (6, 10), colour)
+        write_image(root / "train" / name / f"{name}2.Png", (8, 8), colour, mode="L")
+        write_image(root / "train" / name / f"{name}3.jpeg", (16, 12), colour)
+        write_image(root / "test" / name / f"{name}t0.jpg", (8, 8), colour)
+        write_image(root / "test" / name / f"{name}t1.PNG", (12, 8), colour)
+    return root
+
+
+@pytest.fixture
+def make_image():
+    """The :func:`write_image` helper, for tests that build their own odd files."""
+    return write_image
