@@ -157,12 +157,20 @@ def test_letterbox_keeps_aspect_top_left(tmp_path: Path, make_image) -> None:
     assert (batch.images[0] == torch.tensor([50, 60, 70]).view(3, 1, 1)).all()  # same size: no resampling
 
 
-def test_corrupt_file_raises_data_error(tmp_path: Path) -> None:
-    bad = tmp_path / "bad" / "train" / "a" / "broken.jpg"
-    bad.parent.mkdir(parents=True)
+def test_corrupt_file_raises_or_is_skipped(image_folder: Path, caplog) -> None:
+    bad = image_folder / "train" / "green" / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
+    source = folder_source(image_folder)
+    broken = source.paths.index("green/broken.jpg")
     with pytest.raises(DataError, match="broken.jpg"):
-        folder_source(tmp_path / "bad").get_batch([0])
+        source.get_batch([broken])
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_dataset(image_folder, image_size=8, num_workers=0, strict=True)
+    with caplog.at_level("WARNING"):
+        kept = load_dataset(image_folder, image_size=8, num_workers=0)
+    assert "broken.jpg" in caplog.text
+    assert len(kept) == 12 and "green/broken.jpg" not in kept.paths
+    assert kept.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
 # ----------------------------------------------------------------------------- sources
@@ -183,7 +191,7 @@ def test_tensor_source_batch() -> None:
 
 def test_cache_equals_on_demand_decoding(image_folder: Path) -> None:
     folder = folder_source(image_folder, canvas=16)
-    cached = cache_in_memory(folder, num_workers=0, batch_size=5, progress=False)
+    cached = cache_in_memory(folder, num_workers=1, batch_size=5, progress=False)
     assert isinstance(cached, TensorImageSource) and cache_in_memory(cached) is cached
     every = list(range(len(folder)))
     a, b = folder.get_batch(every), cached.get_batch(every)
@@ -312,8 +320,7 @@ def test_make_split(image_folder: Path, tmp_path: Path) -> None:
     listing.write_text("red2.Png\n")
     assert make_split(source, labeled_list=listing).labeled.tolist() == [10]
     assert make_split(source).labeled.numel() == 12
-    with pytest.raises(DataError, match="not both"):
-        make_split(source, label_fraction=0.5, labeled_list=listing)
+    assert make_split(source, label_fraction=0.5, labeled_list=listing).labeled.tolist() == [10]  # list wins
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -329,6 +336,9 @@ def test_load_folder_dataset(image_folder: Path) -> None:
     assert len(test) == 6 and test.paths[0] == "blue/bluet0.jpg"
     (image_folder / "test").rename(image_folder / "val")
     assert len(load_dataset(image_folder, split="val", image_size=8, num_workers=0)) == 6
+    (image_folder / "val").rename(image_folder.parent / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="no evaluation split"):  # also a DataError
+        load_dataset(image_folder, split="test", image_size=8)
     inferred = load_dataset(image_folder, cache=False)  # canvas from the first images
     assert inferred.canvas_size == (10, 10)
     assert load_dataset(image_folder, canvas_size=5, cache=False).canvas_size == (5, 5)
@@ -354,6 +364,28 @@ def test_load_dataset_errors(tmp_path: Path, image_folder: Path) -> None:
     with pytest.raises(DataError, match="splits"):
         load_dataset(image_folder, split="unlabeled")
     assert set(DATASET_NAMES) == {"digits", "cifar10", "cifar100", "stl10"}
+
+
+def test_torchvision_sets_are_wrapped_in_memory(monkeypatch) -> None:
+    """CIFAR arrays are NHWC, STL-10 arrays NCHW with label -1 for 'unlabeled'; no files needed."""
+    from types import SimpleNamespace
+
+    from simclrv2.data import torchvision_sets
+
+    cifar = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    cifar[1, 0, 0] = (1, 2, 3)
+    stl = np.zeros((3, 3, 96, 96), dtype=np.uint8)
+    fakes = {
+        "cifar10": SimpleNamespace(data=cifar, targets=[0, 1, 2, 1], classes=["a", "b", "c"]),
+        "stl10": SimpleNamespace(data=stl, labels=np.array([-1, -1, -1]), classes=["x", "y"]),
+    }
+    monkeypatch.setattr(torchvision_sets, "_construct", lambda name, root, split, download: fakes[name])
+    source = load_dataset("CIFAR10", split="test")
+    assert source.canvas_size == (32, 32) and source.labels.tolist() == [0, 1, 2, 1]
+    assert source.get_batch([1]).images[0, :, 0, 0].tolist() == [1, 2, 3]
+    assert len(load_dataset("cifar10", max_per_class=1)) == 3
+    unlabeled = load_dataset("stl10", split="unlabeled")
+    assert unlabeled.canvas_size == (96, 96) and describe(unlabeled)["num_labeled"] == 0
 
 
 def test_digits_dataset_offline_fixed_split() -> None:

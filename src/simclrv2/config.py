@@ -183,13 +183,14 @@ def is_dataset_name(data: str) -> bool:
     return data in DATASET_NAMES
 
 
-def parse_arch_cheap(arch: str) -> tuple[int, int, bool]:
-    """(depth, width, sk) from an architecture name, for defaults that depend on it."""
-    match = re.fullmatch(r"r(\d+)_(\d+)x_sk([01])", arch)
-    if not match:
-        raise ConfigError(f"arch: unknown architecture {arch!r}; expected r{{depth}}_{{width}}x_sk{{0|1}}, "
-                          "e.g. r18_1x_sk0 or r50_2x_sk1 (see `simclrv2 models`)")
-    return int(match.group(1)), int(match.group(2)), match.group(3) == "1"
+def parse_arch_cheap(arch: str, field_name: str = "arch") -> tuple[int, int, bool]:
+    """(depth, width, sk) from an architecture name, validated against the model registry."""
+    from simclrv2.models import parse_arch
+    try:
+        spec = parse_arch(arch)
+    except ValueError as exc:
+        raise ConfigError(f"{field_name}: {exc}") from exc
+    return spec.depth, spec.width, spec.sk
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -333,7 +334,7 @@ def validate(stage: str, cfg: Config) -> None:
     for name in ("arch", "student_arch"):
         value = getattr(cfg, name)
         if value is not None and stage in fields_stage_of(name):
-            parse_arch_cheap(value)
+            parse_arch_cheap(value, name)
     for name, meta_field in ((f.name, f) for f in fields(Config)):
         choices = meta_field.metadata.get("choices")
         value = getattr(cfg, name)

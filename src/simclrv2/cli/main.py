@@ -31,6 +31,17 @@ DESCRIPTIONS = {
     "demo": "The whole pipeline on the embedded digits data, offline, in a few minutes on a laptop CPU.",
 }
 
+SHORT_HELP = {
+    "pretrain": "Step 1: self-supervised SimCLRv2 pretraining.",
+    "finetune": "Step 2: fine-tune on the labelled fraction.",
+    "distill": "Step 3: distil a fine-tuned teacher into a student using unlabelled images.",
+    "linear-eval": "Linear classifier on frozen features.",
+    "supervised": "Supervised baseline from scratch on the same labels.",
+    "evaluate": "Top-1 / top-5 of a checkpoint.",
+    "pipeline": "All stages, resumable, with a report of the gains.",
+    "demo": "The pipeline on the embedded digits data (offline).",
+}
+
 
 def _annotation_base(annotation: Any) -> type:
     """The Python type of a Config field (``int | None`` -> int)."""
@@ -92,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage in ("pretrain", "finetune", "distill", "linear-eval", "supervised", "evaluate", "pipeline",
                   "demo"):
-        p = sub.add_parser(stage, help=DESCRIPTIONS[stage].split(":")[0] if ":" in DESCRIPTIONS[stage][:8]
-                           else DESCRIPTIONS[stage], description=DESCRIPTIONS[stage])
+        p = sub.add_parser(stage, help=SHORT_HELP[stage], description=DESCRIPTIONS[stage])
         add_config_options(p, stage)
     models = sub.add_parser("models", help="List the architectures of the model zoo with parameter counts.",
                             description="List the SimCLRv2 ResNet family: name, depth, width, selective "

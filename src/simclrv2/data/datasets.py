@@ -16,7 +16,7 @@ from PIL import Image
 
 from .cache import DEFAULT_CACHE_BYTES, cache_in_memory, cache_nbytes, fits_in_memory
 from .digits import load_digits_source
-from .errors import DataError
+from .errors import DataError, MissingSplitError
 from .folders import scan_image_folder
 from .sources import FolderImageSource, ImageSource, TensorImageSource
 from .subsets import first_per_class_indices
@@ -86,7 +86,7 @@ def _load_folder(
         samples, split_dir = scan["train"], root / "train"
     elif split in ("test", "val"):
         if scan["eval_split"] is None:
-            raise DataError(f"{root} has no evaluation split (expected ROOT/val/<class>/* or ROOT/test/<class>/*)")
+            raise MissingSplitError(f"{root} has no evaluation split (expected ROOT/val/<class>/* or ROOT/test/<class>/*)")
         samples, split_dir = scan["eval"], root / scan["eval_split"]
     else:
         raise DataError(f"image folders have splits 'train' and 'test' (or 'val'); got {split!r}")
@@ -108,6 +108,7 @@ def load_dataset(
     max_per_class: int | None = None,
     max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: bool | None = None,
+    strict: bool = False,
 ) -> ImageSource:
     """Return the images of one split of a named dataset or an image folder.
 
@@ -124,7 +125,7 @@ def load_dataset(
             the canvas from the first images (longest side, at most 256).
         canvas_size: explicit canvas side for folders, overriding ``image_size``.
         data_root: where torchvision datasets live (default ``$SIMCLRV2_DATA_ROOT`` or
-            ``./data``).
+            ``~/.cache/simclrv2/datasets``).
         download: let torchvision fetch a missing named dataset.
         cache: folders only: ``'auto'`` decodes into memory when the uint8 tensor fits
             ``max_cache_bytes`` (4 GiB by default); ``True`` always; ``False`` never.
@@ -132,6 +133,10 @@ def load_dataset(
         max_per_class: keep only the first ``k`` images of each class (deterministic;
             for quick runs and tests).
         progress: progress bar while caching (default: when stderr is a terminal).
+        strict: when caching a folder, raise on an unreadable image instead of leaving it
+            out with a logged warning. Folders read from disk are not pre-checked (that
+            would decode everything); an unreadable file there raises :class:`DataError`
+            naming it when its batch is read.
 
     Raises:
         DataError: unknown name and no such folder, missing files without ``download``,
@@ -153,7 +158,9 @@ def load_dataset(
             root, split, image_size=image_size, canvas_size=canvas_size, max_per_class=max_per_class
         )
         if cache is True or (cache == "auto" and fits_in_memory(source, max_cache_bytes)):
-            source = cache_in_memory(source, max_bytes=None, num_workers=num_workers, progress=progress)
+            source = cache_in_memory(
+                source, max_bytes=None, num_workers=num_workers, progress=progress, strict=strict
+            )
         return source
     if max_per_class is not None:
         source = _take_per_class(source, max_per_class)  # type: ignore[arg-type]

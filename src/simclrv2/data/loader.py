@@ -16,6 +16,7 @@ Why a custom iterator instead of ``DataLoader(shuffle=True)`` + ``DistributedSam
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 
@@ -28,8 +29,13 @@ __all__ = ["BatchIterator", "epoch_permutation"]
 
 
 def _generator_seed(seed: int, epoch: int) -> int:
-    """Mix (seed, epoch) into one 64-bit generator seed; distinct for 32-bit inputs."""
-    return ((int(seed) & 0xFFFFFFFF) << 32) | (int(epoch) & 0xFFFFFFFF)
+    """Hash (seed, epoch) into one generator seed.
+
+    A hash rather than bit packing because torch's CPU generator (mt19937) only uses the
+    low 32 bits of its seed: ``seed << 32 | epoch`` would make every seed identical.
+    """
+    digest = hashlib.blake2b(f"simclrv2-epoch:{int(seed)}:{int(epoch)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -158,13 +158,12 @@ def make_split(
 ) -> SemiSupervisedSplit:
     """Split a training source into labelled indices and the unlabelled pool.
 
-    Give at most one of ``label_fraction`` / ``labeled_list``; with neither, every image
-    with a label (>= 0) is labelled (fully supervised). The unlabelled pool is *every*
+    ``labeled_list`` takes precedence over ``label_fraction`` (an explicit list is the
+    more specific request, e.g. the reference's ``1percent.txt``); with neither, every
+    image with a label (>= 0) is labelled (fully supervised). The unlabelled pool is *every*
     training image, labelled or not, as in the paper. Unpacks as
     ``labeled, unlabeled = make_split(...)``.
     """
-    if label_fraction is not None and labeled_list is not None:
-        raise DataError("give either a label fraction or a labelled-image list, not both")
     if labeled_list is not None:
         labeled = labeled_list_indices(train_source, labeled_list)
     elif label_fraction is not None:

@@ -27,8 +27,8 @@ TORCHVISION_SPLITS = {
 
 
 def default_data_root() -> Path:
-    """Where named datasets live: ``$SIMCLRV2_DATA_ROOT`` or ``./data``."""
-    return Path(os.environ.get("SIMCLRV2_DATA_ROOT", "data")).expanduser()
+    """Where named datasets live: ``$SIMCLRV2_DATA_ROOT`` or ``~/.cache/simclrv2/datasets``."""
+    return Path(os.environ.get("SIMCLRV2_DATA_ROOT", "~/.cache/simclrv2/datasets")).expanduser()
 
 
 def _construct(name: str, root: Path, split: str, download: bool):

@@ -305,7 +305,7 @@ class ResNet(nn.Module):
         self.reference_padding = bool(reference_padding)
         self.block_counts = BLOCK_COUNTS[depth]
         bottleneck = depth >= 50
-        block_cls: type[nn.Module] = BottleneckBlock if bottleneck else BasicBlock
+        block_cls: type[BasicBlock] | type[BottleneckBlock] = BottleneckBlock if bottleneck else BasicBlock
 
         self.stem = Stem(w, deep=sk_ratio > 0, cifar=cifar_stem)
         self.max_pool = None if cifar_stem else make_stem_max_pool(reference_padding)

@@ -18,7 +18,29 @@ NATIVE_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
 def default_image_size(cfg: Config) -> int:
     if cfg.image_size:
         return int(cfg.image_size)
-    return NATIVE_IMAGE_SIZE.get(cfg.data, 224) if is_dataset_name(cfg.data) else 224
+    if is_dataset_name(cfg.data):
+        return NATIVE_IMAGE_SIZE.get(cfg.data, 224)
+    return folder_native_size(cfg.data)
+
+
+def folder_native_size(root: str) -> int:
+    """Image folders train at 224 px unless their images are small (<= 32 px, e.g. CIFAR as JPEGs),
+    judged from the first training image: then the native size and the CIFAR presets apply."""
+    from PIL import Image
+
+    from simclrv2.data import IMAGE_EXTENSIONS
+    from pathlib import Path
+    train = Path(root) / "train"
+    for class_dir in sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []:
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                try:
+                    with Image.open(file) as img:
+                        side = max(img.size)
+                except OSError:
+                    continue
+                return side if side <= 32 else 224
+    return 224
 
 
 @dataclass
@@ -52,7 +74,7 @@ def prepare_data(cfg: Config, *, need_test: bool = True, unlabeled_pool: bool = 
     pretraining and distillation."""
     image_size = default_image_size(cfg)
     common = dict(image_size=image_size, data_root=cfg.data_root, download=cfg.download,
-                  num_workers=cfg.num_workers)
+                  num_workers=cfg.num_workers, strict=cfg.strict)
     train = load_dataset(cfg.data, split="train", max_per_class=cfg.max_per_class, **common)
     test = None
     if need_test:

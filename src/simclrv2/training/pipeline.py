@@ -139,13 +139,14 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
 def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
     """Top-1 (top-5) in percent, one row per method, one column per label fraction."""
     fractions = sorted({f for rows in table.values() for f in rows}, key=float)
-    header = f"{'method':<24}" + "".join(f"{f'{float(f) * 100:g}% labels':>22}" for f in fractions)
+    header = f"{'method':<24}" + "".join("{:>22}".format(f"{float(f) * 100:g}% labels") for f in fractions)
     lines = [header, "-" * len(header)]
     for method, rows in table.items():
         cells = ""
         for f in fractions:
             cell = rows.get(f)
-            cells += f"{(f'{cell['top1'] * 100:.1f} ({cell['top5'] * 100:.1f})' if cell else '-'):>22}"
+            text = "{:.1f} ({:.1f})".format(cell["top1"] * 100, cell["top5"] * 100) if cell else "-"
+            cells += f"{text:>22}"
         lines.append(f"{method:<24}{cells}")
     lines.append("top-1 (top-5) accuracy in % on the test split")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, descri
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils.ema import ModelEMA
 
+PROBE_BASE_LR = 0.1
 KNN_BANK_SIZE = 5000
 KNN_TEST_SIZE = 2000
 
@@ -134,7 +135,12 @@ class PretrainTrainer(Trainer):
                 net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(cfg, net, plan.peak_lr)
+        # Online probe learning rate: 0.1·B/256 with the same warmup/cosine shape. Deviation, stated:
+        # the TF2 reference gives the probe the contrastive peak lr without layer adaptation
+        # (0.1·sqrt(B)), which makes the probe's cross-entropy diverge on small data; the probe
+        # never affects the encoder (stop-gradient), so only the monitor changes.
+        probe_scale = (PROBE_BASE_LR * plan.global_batch / 256) / plan.peak_lr
+        self.optimizer = build_optimizer(cfg, net, plan.peak_lr, classifier_lr_scale=probe_scale)
         self.ema = ModelEMA(net, decay=cfg.ema_decay) if cfg.memory_size > 0 else None
         self.queue = NegativeQueue(cfg.memory_size, cfg.proj_out_dim).to(rt.device) if cfg.memory_size > 0 else None
         self.step_fn = PretrainStep(self.model, self.optimizer, rt, temperature=cfg.temperature,

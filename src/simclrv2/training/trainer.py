@@ -53,11 +53,24 @@ def plan_steps(cfg: Config, num_examples: int, global_batch: int) -> StepPlan:
     return StepPlan(steps_per_epoch, schedule_steps, warmup, run_steps, global_batch, peak)
 
 
-def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float,
+                    classifier_lr_scale: float | None = None) -> torch.optim.Optimizer:
     """LARS with BN/bias/classifier exclusions (SPEC §4) or Nesterov momentum SGD with L2 on
-    every non-BatchNorm parameter (the reference's ``momentum`` optimiser)."""
+    every non-BatchNorm parameter (the reference's ``momentum`` optimiser).
+
+    ``classifier_lr_scale`` puts the classifier in its own group whose learning rate is the
+    schedule's times this factor (used by the online probe of pretraining, see pretrain.py)."""
     if cfg.optimizer == "lars":
         groups = lars_param_groups(model, weight_decay=cfg.weight_decay or 0.0)
+        if classifier_lr_scale is not None:
+            probe = [p for name, p in model.named_parameters() if name.startswith("classifier.")]
+            probe_ids = {id(p) for p in probe}
+            for group in groups:
+                group["params"] = [p for p in group["params"] if id(p) not in probe_ids]
+            groups = [g for g in groups if g["params"]]
+            if probe:
+                groups.append({"params": probe, "weight_decay": 0.0, "exclude": True,
+                               "lr_scale": classifier_lr_scale})
         return LARS(groups, lr=peak_lr, momentum=cfg.momentum)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -164,9 +177,16 @@ class Trainer:
             print(f"resume: continuing from step {self.step} ({latest})")
 
     def batches(self, epoch: int, start_batch: int) -> BatchIterator:
-        return BatchIterator(self.source, self.local_batch, shuffle=True, drop_last=True, seed=self.cfg.seed,
-                             epoch=epoch, rank=self.rt.rank, world_size=self.rt.world_size,
-                             num_workers=self.cfg.num_workers, indices=self.indices, start_batch=start_batch)
+        """The batches of ``epoch`` from ``start_batch`` on; one iterator is kept so that decoding
+        workers of disk-backed sources persist across epochs."""
+        if getattr(self, "_batches", None) is None:
+            self._batches = BatchIterator(
+                self.source, self.local_batch, shuffle=True, drop_last=True, seed=self.cfg.seed, epoch=epoch,
+                rank=self.rt.rank, world_size=self.rt.world_size, num_workers=self.cfg.num_workers,
+                indices=self.indices, start_batch=start_batch, pin_memory=self.rt.device.type == "cuda")
+        else:
+            self._batches.set_epoch(epoch, start_batch)
+        return self._batches
 
     def _log(self, metrics: dict[str, torch.Tensor], images_per_s: float, pbar: tqdm) -> None:
         values = {k: float(dist_utils.all_reduce_mean(v.detach().float())) for k, v in metrics.items()}
