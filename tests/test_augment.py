@@ -293,6 +293,19 @@ def test_fused_flip_and_grid_sample_backend():
     assert torch.allclose(g2[0], g1[0].flip(-1), atol=1e-6)
 
 
+def test_grid_sample_backend_equals_affine_grid():
+    img = rand_images(3, 21, 27, seed=9)
+    boxes = torch.tensor([[0, 0, 21, 27], [3, 4, 10, 12], [10, 2, 11, 20]])
+    top, left, h, w = boxes.float().unbind(1)
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w / 27, (2 * left + w) / 27 - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / 21, (2 * top + h) / 21 - 1
+    grid = F.affine_grid(theta, (3, 3, 16, 16), align_corners=False)
+    want = F.grid_sample(img.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    got = crop_and_resize(img, boxes, 16, backend="grid_sample")
+    assert torch.allclose(got, want.clamp(0, 1), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- colour
 
 

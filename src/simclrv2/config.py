@@ -81,6 +81,10 @@ class Config:
     channels_last: bool = _opt(True, "Use the channels_last memory layout (faster convolutions).", ALL)
     compile: bool = _opt(False, "torch.compile the model (CUDA; slower start, faster steps).", TRAIN_STAGES)
     resume: bool = _opt(False, "Continue from the last checkpoint in --out.", TRAIN_STAGES + ("pipeline",))
+    dist_timeout: float = _opt(600.0, "Seconds a process waits for the others (start-up and each collective "
+                               "operation) before it stops with an error, when several processes train "
+                               "together (torchrun); a crashed or hung peer then ends the run instead of "
+                               "hanging it.", ALL)
 
     # ---- model -------------------------------------------------------------------------
     arch: str = _opt("r18_1x_sk0", "Architecture r{depth}_{width}x_sk{0|1}, e.g. r18_1x_sk0, r50_2x_sk1 "
@@ -132,6 +136,11 @@ class Config:
     crop_method: str = _opt("reference", "Random crop sampler: reference (TF sample_distorted_bounding_box) or "
                             "torchvision (RandomResizedCrop).", ("pretrain", "pipeline"),
                             choices=("reference", "torchvision"))
+    crop_min_area: float = _opt(0.08, "Smallest crop area as a fraction of the image (SPEC §6 area_range; "
+                                "the reference's 0.08). Raise it for tiny images such as 8x8 digits.",
+                                ("pretrain", "pipeline"))
+    flip: bool = _opt(True, "Random horizontal flips (SPEC §6); turn off for data where mirroring changes the "
+                      "class (digits, text).", TRAIN_STAGES + ("pipeline",))
     memory_size: int = _opt(0, "Momentum-memory queue length (extra negatives from an EMA encoder; 0 = off; "
                             "65536 in the ImageNet recipe).", ("pretrain", "pipeline"))
     ema_decay: float = _opt(0.999, "EMA decay of the momentum encoder.", ("pretrain", "pipeline"))
@@ -146,6 +155,16 @@ class Config:
     # ---- distillation (paper §2 Eq. 2-3) -------------------------------------------------
     alpha: float = _opt(1.0, "Weight of the distillation term; 1 - alpha weights the labelled cross-entropy "
                         "(paper Eq. 3). 1.0 = distillation only (the paper's default).", "distill")
+
+    temperature_squared: bool = _opt(True, "Scale the distillation term by tau^2 as the reference's distillation "
+                                     "colab does (keeps gradients of biases and BatchNorm parameters, which "
+                                     "LARS does not adapt, bounded at small tau); off = the paper's Eq. 2 as "
+                                     "written.", ("distill",))
+    init_student: str | None = _opt(None, "Initialise the student's encoder from this checkpoint (e.g. the "
+                                    "pretraining run) instead of from scratch (the paper's choice); must have "
+                                    "the student's architecture. In a pipeline, 'pretrained' means the "
+                                    "pipeline's own pretraining run (self-distillation only).",
+                                    ("distill", "pipeline"))
 
     # ---- logging / checkpoints ---------------------------------------------------------
     log_every: int = _opt(10, "Write a log line every N steps.", TRAIN_STAGES)
@@ -297,7 +316,7 @@ def _positive(cfg: Config, name: str, allow_none: bool = True) -> None:
 def validate(stage: str, cfg: Config) -> None:
     """Reject invalid settings before any work starts (exit code 2 in the CLI)."""
     for name in ("learning_rate", "batch_size", "epochs", "max_steps", "image_size", "eval_batch_size",
-                 "log_every", "checkpoint_every", "schedule_steps", "max_per_class"):
+                 "log_every", "checkpoint_every", "schedule_steps", "max_per_class", "dist_timeout"):
         _positive(cfg, name)
     if cfg.temperature is not None:
         _positive(cfg, "temperature")
@@ -321,14 +340,17 @@ def validate(stage: str, cfg: Config) -> None:
         raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
     if not (0.0 <= cfg.alpha <= 1.0):
         raise ConfigError(f"alpha: must be in [0, 1], got {cfg.alpha!r}")
+    if not (0.0 < cfg.crop_min_area <= 1.0):
+        raise ConfigError(f"crop_min_area: must be in (0, 1], got {cfg.crop_min_area!r}")
     if cfg.memory_size < 0:
         raise ConfigError(f"memory_size: must be >= 0, got {cfg.memory_size!r}")
     if cfg.color_jitter_strength is not None and cfg.color_jitter_strength < 0:
         raise ConfigError(f"color_jitter_strength: must be >= 0, got {cfg.color_jitter_strength!r}")
     if not (2 <= cfg.num_proj_layers <= 4) and cfg.num_proj_layers != 0:
         raise ConfigError(f"num_proj_layers: must be 0 or 2..4, got {cfg.num_proj_layers!r}")
+    head_known = stage in fields_stage_of("num_proj_layers")  # finetune: the checkpoint's head decides
     if cfg.ft_proj_selector is not None and cfg.ft_proj_selector != -1 and not (
-            0 <= cfg.ft_proj_selector <= cfg.num_proj_layers):
+            0 <= cfg.ft_proj_selector <= (cfg.num_proj_layers if head_known else cfg.ft_proj_selector)):
         raise ConfigError(f"ft_proj_selector: must be -1 or between 0 and num_proj_layers="
                           f"{cfg.num_proj_layers}, got {cfg.ft_proj_selector!r}")
     for name in ("arch", "student_arch"):
@@ -340,6 +362,8 @@ def validate(stage: str, cfg: Config) -> None:
         value = getattr(cfg, name)
         if choices and value is not None and value not in choices:
             raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+    if stage == "distill" and cfg.init_student and not Path(cfg.init_student).exists():
+        raise ConfigError(f"init_student: {cfg.init_student!r} does not exist")
     if cfg.labeled_list is not None and not Path(cfg.labeled_list).is_file():
         raise ConfigError(f"labeled_list: file {cfg.labeled_list!r} does not exist")
     if stage in DATA_STAGES and not is_dataset_name(cfg.data):

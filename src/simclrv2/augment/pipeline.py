@@ -12,7 +12,12 @@ One pretraining view (SPEC §6 order): random crop (TF ``sample_distorted_boundi
 All random parameters of a call are drawn first, as tensors with one row per output image,
 from the caller's ``torch.Generator`` (same seed -> same output, on any chunking).  The
 pixel work then runs on the whole batch on accelerators, and in cache-sized chunks of
-images on CPU (``AugmentConfig.chunk_size``; chunking changes speed, not values).
+images on CPU (``AugmentConfig.chunk_size``; chunking changes speed, not values).  The
+flip is folded into the resize taps.
+
+CPU note: use one intra-op thread per data-loading process (``torch.set_num_threads(1)``,
+the DataLoader-worker default).  On a shared, busy machine OpenMP's spin-waiting makes
+multi-threaded small tensor ops many times slower (``OMP_WAIT_POLICY=PASSIVE`` also avoids it).
 """
 
 from __future__ import annotations

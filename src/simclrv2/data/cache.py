@@ -80,6 +80,7 @@ def cache_in_memory(
     batch_size: int = 256,
     progress: bool | None = None,
     strict: bool = True,
+    report=None,
 ) -> TensorImageSource:
     """Decode every image of ``source`` (in ``num_workers`` processes) into one tensor.
 
@@ -87,7 +88,8 @@ def cache_in_memory(
     the cache would exceed ``max_bytes`` (pass ``None`` to force it). With
     ``strict=False`` unreadable images are left out of the result (logged as a warning
     naming up to 10 files) instead of raising. ``progress=None`` shows a progress bar
-    only when stderr is a terminal.
+    only when stderr is a terminal. With a ``report`` (a :class:`~simclrv2.data.scan.ScanReport`)
+    the skipped images are recorded there by kind instead of being logged here.
     """
     if isinstance(source, TensorImageSource):
         return source
@@ -118,8 +120,14 @@ def cache_in_memory(
     if failed:
         if len(failed) == n:
             raise DataError(f"none of the {n} images could be decoded; first error: {failed[0][1]}")
-        shown = "; ".join(msg for _, msg in failed[:10])
-        log.warning("skipped %d unreadable image(s) of %d: %s", len(failed), n, shown)
+        if report is not None:
+            from .scan import error_kind
+            for i, msg in failed:
+                name = paths[i] if paths is not None else str(i)
+                report.add(error_kind(msg), name, msg.split(": ", 1)[-1] if ": " in msg else msg)
+        else:
+            shown = "; ".join(msg for _, msg in failed[:10])
+            log.warning("skipped %d unreadable image(s) of %d: %s", len(failed), n, shown)
         keep = torch.ones(n, dtype=torch.bool)
         keep[[i for i, _ in failed]] = False
         images, sizes, labels = images[keep], sizes[keep], labels[keep]

@@ -9,6 +9,7 @@ the result fits a byte budget (CIFAR-sized folders) and read from disk otherwise
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -18,9 +19,12 @@ from .cache import DEFAULT_CACHE_BYTES, cache_in_memory, cache_nbytes, fits_in_m
 from .digits import load_digits_source
 from .errors import DataError, MissingSplitError
 from .folders import scan_image_folder
+from .scan import ScanReport, check_samples
 from .sources import FolderImageSource, ImageSource, TensorImageSource
 from .subsets import first_per_class_indices
 from .torchvision_sets import TORCHVISION_SPLITS, load_torchvision_source
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DATASET_NAMES", "DEFAULT_DATASET", "canvas_for_image_size", "load_dataset", "describe"]
 
@@ -60,8 +64,8 @@ def _infer_canvas(samples: list[tuple[Path, int]]) -> int:
         try:
             with Image.open(path) as img:
                 longest = max(longest, *img.size)
-        except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the scan, not here
+            continue
     return min(longest, _MAX_INFERRED_CANVAS)
 
 
@@ -80,19 +84,49 @@ def _load_folder(
     image_size: int | None,
     canvas_size: int | None,
     max_per_class: int | None,
+    strict: bool = False,
 ) -> FolderImageSource:
-    scan = scan_image_folder(root, max_per_class=max_per_class)
+    """Scan the folder (layout, then every file's header, see :mod:`.scan`) and build the source of
+    the readable files; the findings are attached as ``source.scan_report``."""
+    scan = scan_image_folder(root, max_per_class=max_per_class, allow_empty_classes=not strict)
     if split == "train":
-        samples, split_dir = scan["train"], root / "train"
+        samples, split_dir, part = scan["train"], root / "train", "train"
     elif split in ("test", "val"):
         if scan["eval_split"] is None:
             raise MissingSplitError(f"{root} has no evaluation split (expected ROOT/val/<class>/* or ROOT/test/<class>/*)")
-        samples, split_dir = scan["eval"], root / scan["eval_split"]
+        samples, split_dir, part = scan["eval"], root / scan["eval_split"], "eval"
     else:
         raise DataError(f"image folders have splits 'train' and 'test' (or 'val'); got {split!r}")
+    report = ScanReport(str(split_dir))
+    for name in scan["empty_classes"][part]:
+        report.add("empty_class", name)
+    for path in scan["ignored_files"][part]:
+        report.add("non_image_file", path.relative_to(split_dir).as_posix())
+    readable = check_samples(samples, report, crop_size=image_size, relative_to=split_dir)
+    _check_scan(report, strict, warn=False)
     if canvas_size is None:
-        canvas_size = canvas_for_image_size(image_size) if image_size is not None else _infer_canvas(scan["train"])
-    return FolderImageSource(samples, scan["classes"], canvas_size, root=split_dir)
+        canvas_size = canvas_for_image_size(image_size) if image_size is not None else _infer_canvas(readable)
+    source = FolderImageSource(readable, scan["classes"], canvas_size, root=split_dir)
+    source.scan_report = report
+    return source
+
+
+def _check_scan(report: ScanReport, strict: bool, warn: bool = True) -> None:
+    """Stop on unreadable files with ``strict`` or when nothing is left; else (``warn``) warn, naming them."""
+    bad = report.unreadable
+    if not bad:
+        return
+    if strict:
+        raise DataError(report.summary(skipped=False) + "\n--strict: stopping before training; remove or fix "
+                        "these files, or run without --strict to skip them")
+    if len(bad) >= report.num_files:
+        raise DataError(f"none of the {report.num_files} images under {report.where} can be read:\n"
+                        + report.summary(skipped=False))
+    if not warn:
+        return
+    shown = "; ".join(f"{item} ({report.errors.get(item, 'unreadable')})" for item in bad[:10])
+    log.warning("skipping %d unreadable image(s) of %d in %s: %s%s", len(bad), report.num_files, report.where,
+                shown, f"; ... ({len(bad)} in all)" if len(bad) > 10 else "")
 
 
 def load_dataset(
@@ -133,10 +167,11 @@ def load_dataset(
         max_per_class: keep only the first ``k`` images of each class (deterministic;
             for quick runs and tests).
         progress: progress bar while caching (default: when stderr is a terminal).
-        strict: when caching a folder, raise on an unreadable image instead of leaving it
-            out with a logged warning. Folders read from disk are not pre-checked (that
-            would decode everything); an unreadable file there raises :class:`DataError`
-            naming it when its batch is read.
+        strict: raise :class:`DataError` (listing them) when the scan finds unreadable
+            images, instead of leaving them out with a logged warning. Every file's header
+            is checked (see :mod:`simclrv2.data.scan`); cached folders are also fully
+            decoded. Folders read from disk skip files that fail to decode later: such a
+            file is replaced in its batch by a readable image, with a warning.
 
     Raises:
         DataError: unknown name and no such folder, missing files without ``download``,
@@ -154,13 +189,22 @@ def load_dataset(
             raise DataError(
                 f"unknown dataset {name!r}: not one of {', '.join(DATASET_NAMES)} and no such folder"
             )
-        source = _load_folder(
-            root, split, image_size=image_size, canvas_size=canvas_size, max_per_class=max_per_class
+        folder = _load_folder(
+            root, split, image_size=image_size, canvas_size=canvas_size, max_per_class=max_per_class,
+            strict=strict,
         )
-        if cache is True or (cache == "auto" and fits_in_memory(source, max_cache_bytes)):
+        report = folder.scan_report
+        if cache is True or (cache == "auto" and fits_in_memory(folder, max_cache_bytes)):
+            # Decoding everything finds what the header scan cannot (truncated files): add it to the report.
             source = cache_in_memory(
-                source, max_bytes=None, num_workers=num_workers, progress=progress, strict=strict
+                folder, max_bytes=None, num_workers=num_workers, progress=progress, strict=False, report=report
             )
+        else:
+            # Read from disk while training: a file that fails later is replaced, not fatal.
+            folder.skip_unreadable = True
+            source = folder
+        _check_scan(report, strict)
+        source.scan_report = report
         return source
     if max_per_class is not None:
         source = _take_per_class(source, max_per_class)  # type: ignore[arg-type]

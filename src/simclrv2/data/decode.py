@@ -92,7 +92,7 @@ def decode_image(path: str | Path, canvas_size: tuple[int, int]) -> tuple[torch.
         with Image.open(path) as img:
             img.load()
             return letterbox(img, canvas_size)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"cannot decode image {path}: {exc}") from exc
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - broken files make PIL raise OSError, SyntaxError, struct.error ...
+        raise DataError(f"cannot decode image {path}: {exc or type(exc).__name__}") from exc

@@ -39,12 +39,17 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursively), sorted by relative POSIX path."""
+def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """All image files below ``folder`` (recursively), sorted by relative POSIX path.
+
+    Visible files with other extensions are appended to ``ignored`` when it is given (hidden
+    ones are skipped silently)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
+        if ignored is not None:
+            ignored.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and not _is_image(f))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -53,13 +58,13 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 
 def _scan_split(
-    split_dir: Path, classes: list[str], max_per_class: int | None
+    split_dir: Path, classes: list[str], max_per_class: int | None, ignored: list[Path] | None = None
 ) -> tuple[list[tuple[Path, int]], list[str]]:
     """Samples of one split and the classes that had no image at all."""
     samples: list[tuple[Path, int]] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        files = list_images(split_dir / name)
+        files = list_images(split_dir / name, ignored)
         if not files:
             empty.append(name)
         if max_per_class is not None:
@@ -73,7 +78,8 @@ def _preview(names: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def scan_image_folder(root: str | Path, *, max_per_class: int | None = None) -> dict:
+def scan_image_folder(root: str | Path, *, max_per_class: int | None = None,
+                      allow_empty_classes: bool = False) -> dict:
     """Scan ``ROOT/train`` and the evaluation split of an ImageNet-layout folder.
 
     Returns a dict with keys ``root`` (Path), ``classes`` (sorted names), ``train``
@@ -82,9 +88,13 @@ def scan_image_folder(root: str | Path, *, max_per_class: int | None = None) -> 
     ``k`` images of each class (after sorting) in both splits -- a deterministic
     subsample for quick runs.
 
+    Also returned: ``empty_classes`` and ``ignored_files`` (non-image files), each a dict
+    ``{"train": [...], "eval": [...]}`` of class names / paths, for the data scan report.
+
     Raises :class:`DataError` if the root or its ``train`` folder is missing, ``train``
-    has no class folders or a class folder without images, the eval split has no images,
-    or the class folders of the two splits differ (naming what each side lacks).
+    has no class folders or (unless ``allow_empty_classes``) a class folder without images,
+    the eval split has no images, or the class folders of the two splits differ (naming
+    what each side lacks).
     """
     root = Path(root).expanduser()
     if max_per_class is not None and max_per_class < 1:
@@ -100,12 +110,14 @@ def scan_image_folder(root: str | Path, *, max_per_class: int | None = None) -> 
     classes = _class_dirs(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<images>)")
-    train, empty = _scan_split(train_dir, classes, max_per_class)
+    ignored: dict[str, list[Path]] = {"train": [], "eval": []}
+    train, empty = _scan_split(train_dir, classes, max_per_class, ignored["train"])
     if not train:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"no images found under {train_dir} (looked for {exts} in any letter case)")
-    if empty:
+    if empty and not allow_empty_classes:
         raise DataError(f"class folders without images in {train_dir}: {_preview(empty)}")
+    empty_classes: dict[str, list[str]] = {"train": empty, "eval": []}
 
     eval_split = find_eval_split(root)
     eval_samples: list[tuple[Path, int]] = []
@@ -121,7 +133,8 @@ def scan_image_folder(root: str | Path, *, max_per_class: int | None = None) -> 
             if only_eval:
                 parts.append(f"missing from train/: {_preview(only_eval)}")
             raise DataError(f"class folders of {root}/train and {root}/{eval_split} differ; " + "; ".join(parts))
-        eval_samples, _ = _scan_split(eval_dir, classes, max_per_class)
+        eval_samples, empty_classes["eval"] = _scan_split(eval_dir, classes, max_per_class, ignored["eval"])
         if not eval_samples:
             raise DataError(f"no images found under {eval_dir}")
-    return {"root": root, "classes": classes, "train": train, "eval": eval_samples, "eval_split": eval_split}
+    return {"root": root, "classes": classes, "train": train, "eval": eval_samples, "eval_split": eval_split,
+            "empty_classes": empty_classes, "ignored_files": ignored}

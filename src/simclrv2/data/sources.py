@@ -14,6 +14,7 @@ region of each image. Two implementations cover the practical cases:
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 
 from .decode import decode_image
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "as_index_tensor"]
 
@@ -68,6 +71,7 @@ class ImageSource(ABC):
     classes: list[str]
     paths: list[str] | None = None
     root: Path | None = None
+    scan_report = None  # a simclrv2.data.scan.ScanReport for scanned image folders
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -191,18 +195,22 @@ class FolderImageSource(ImageSource):
         canvas_size: int | tuple[int, int],
         *,
         root: str | Path | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
+        self.skip_unreadable = bool(skip_unreadable)
+        self._unreadable: set[int] = set()
         self.root = Path(root) if root is not None else None
         self.classes = list(classes)
         self._canvas = _canvas_tuple(canvas_size)
         paths: list[str] = []
         for path, _ in samples:
             p = Path(path)
-            if self.root is not None and p.is_absolute():
-                try:
+            if self.root is not None:
+                try:  # also for relative roots (``--data some/folder``): paths then start with the root
                     p = p.relative_to(self.root)
                 except ValueError as exc:
-                    raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
+                    if p.is_absolute():
+                        raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
             paths.append(p.as_posix())
         self.paths = paths
         self.labels = _check_labels([label for _, label in samples], len(paths))
@@ -224,8 +232,55 @@ class FolderImageSource(ImageSource):
         idx = as_index_tensor(indices, len(self))
         images = torch.empty((idx.numel(), 3, *self._canvas), dtype=torch.uint8)
         sizes = torch.empty((idx.numel(), 2), dtype=torch.long)
+        failed: list[int] = []
         for row, i in enumerate(idx.tolist()):
-            canvas, (h, w) = self.decode(i)
+            try:
+                canvas, (h, w) = self.decode(i)
+            except DataError as exc:
+                if not self.skip_unreadable:
+                    raise
+                self._note_unreadable(i, exc)
+                failed.append(row)
+                continue
             images[row] = canvas
             sizes[row, 0], sizes[row, 1] = h, w
+        if failed:
+            idx = idx.clone()
+            self._replace_rows(failed, idx, images, sizes)
         return Batch(images, sizes, self.labels.index_select(0, idx), idx)
+
+    # ---- unreadable files found while training (skip_unreadable=True) --------------------
+    MAX_REPLACEMENT_TRIES = 64
+
+    def _note_unreadable(self, index: int, exc: DataError) -> None:
+        if index not in self._unreadable:
+            self._unreadable.add(index)
+            log.warning("skipping an image that became unreadable and using another one in its place: %s", exc)
+
+    def _replace_rows(self, failed: list[int], idx: torch.Tensor, images: torch.Tensor,
+                      sizes: torch.Tensor) -> None:
+        """Fill the rows of unreadable images with readable ones (with their own labels and indices)
+        so a batch keeps its shape: another image of the batch, else the next readable file."""
+        failed_set = set(failed)
+        good = [row for row in range(idx.numel()) if row not in failed_set]
+        for k, row in enumerate(failed):
+            if good:
+                src = good[k % len(good)]
+                images[row], sizes[row], idx[row] = images[src], sizes[src], idx[src]
+                continue
+            start = int(idx[row])
+            for step in range(1, min(len(self), self.MAX_REPLACEMENT_TRIES) + 1):
+                j = (start + step) % len(self)
+                if j in self._unreadable:
+                    continue
+                try:
+                    canvas, (h, w) = self.decode(j)
+                except DataError as exc:
+                    self._note_unreadable(j, exc)
+                    continue
+                images[row], idx[row] = canvas, j
+                sizes[row, 0], sizes[row, 1] = h, w
+                break
+            else:
+                raise DataError(f"no readable image found among {self.MAX_REPLACEMENT_TRIES} files after "
+                                f"{self.file_path(start)}: is the data folder {self.root} still available?")

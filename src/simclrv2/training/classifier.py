@@ -21,9 +21,13 @@ from simclrv2.optim import l2_penalty
 from simclrv2.training.data_setup import RunData
 from simclrv2.training.evaluate import evaluate_classifier
 from simclrv2.training.model_io import export_model
+from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime
 from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, describe_plan, plan_steps
+
+
+CLASSIFIER_BASE_LR = 0.1
 
 
 class ClassifierTrainer(Trainer):
@@ -31,13 +35,15 @@ class ClassifierTrainer(Trainer):
 
     def __init__(self, stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
                  indices: torch.Tensor | None, plan: StepPlan, net: nn.Module, meta: dict[str, Any], *,
-                 teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0) -> None:
+                 teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0,
+                 temperature_squared: bool = False) -> None:
         super().__init__(cfg, rt, run, data.train, indices, plan)
+        self.temperature_squared = temperature_squared
         self.stage = stage
         self.data, self.meta = data, meta
         self.labels = data.labels_for_training()
         if rt.distributed and cfg.global_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = convert_global_bn(net, rt.device)  # SyncBatchNorm on CUDA, own CPU version
         self.net = rt.prepare_model(net)
         self.model = self.net
         if rt.distributed:
@@ -45,13 +51,20 @@ class ClassifierTrainer(Trainer):
                 self.net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(cfg, self.net, plan.peak_lr)
+        classifier_scale = None
+        if teacher is not None and cfg.optimizer == "lars":
+            # A distillation student's classifier is excluded from LARS adaptation (as the reference's
+            # head_supervised) but trained at the linear-probe rate 0.1·B/256 instead of the
+            # pretraining-like peak lr, at which a plain SGD linear layer diverges. The reference has
+            # no distillation training code (SPEC §9); deviation, stated.
+            classifier_scale = (CLASSIFIER_BASE_LR * plan.global_batch / 256) / plan.peak_lr
+        self.optimizer = build_optimizer(cfg, self.net, plan.peak_lr, classifier_lr_scale=classifier_scale)
         self.teacher = None
         if teacher is not None:
             self.teacher = rt.prepare_model(teacher).eval().requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size))
-        self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay)
+        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size, flip=cfg.flip))
+        self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay) and teacher is None
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         images = self.rt.to_input(batch.images)
@@ -65,7 +78,8 @@ class ClassifierTrainer(Trainer):
                     teacher_logits = self.teacher(x)["logits"]
         metrics: dict[str, torch.Tensor] = {}
         if teacher_logits is not None:
-            loss = mixed_distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+            loss = mixed_distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha,
+                                           scale_by_temperature_squared=self.temperature_squared)
             metrics["agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
         else:
             loss = F.cross_entropy(logits.float(), labels)
@@ -84,6 +98,7 @@ class ClassifierTrainer(Trainer):
 def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
                        indices: torch.Tensor | None, net: nn.Module, meta: dict[str, Any], *,
                        teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0,
+                       temperature_squared: bool = False,
                        extra_results: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, train, export ``model.safetensors``, evaluate top-1/top-5 and write results.json."""
     num_examples = len(indices) if indices is not None else len(data.train)
@@ -91,7 +106,7 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
     if rt.is_main:
         print(describe_plan(stage, plan, num_examples, rt))
     trainer = ClassifierTrainer(stage, cfg, rt, run, data, indices, plan, net, meta, teacher=teacher,
-                                temperature=temperature, alpha=alpha)
+                                temperature=temperature, alpha=alpha, temperature_squared=temperature_squared)
     final = trainer.fit()
     results: dict[str, Any] = {"stage": stage, "arch": meta["arch"], "steps": trainer.step,
                                "num_labeled": int(len(data.labeled_indices)), "train_images": num_examples,

@@ -37,7 +37,7 @@ def folder_native_size(root: str) -> int:
                 try:
                     with Image.open(file) as img:
                         side = max(img.size)
-                except OSError:
+                except Exception:  # noqa: BLE001 - unreadable files are reported by the data scan
                     continue
                 return side if side <= 32 else 224
     return 224
@@ -67,6 +67,18 @@ class RunData:
         return labels
 
 
+def print_scan_reports(*sources: ImageSource | None) -> None:
+    """Print what the data scan of image folders found (counts per problem kind), on rank 0, before
+    training starts (see :mod:`simclrv2.data.scan`)."""
+    from simclrv2.utils.distributed import get_rank
+    if get_rank() != 0:
+        return
+    for source in sources:
+        report = getattr(source, "scan_report", None) if source is not None else None
+        if report is not None:
+            print(report.summary(), flush=True)
+
+
 def prepare_data(cfg: Config, *, need_test: bool = True, unlabeled_pool: bool = False) -> RunData:
     """Load the train (and test) split and choose the labelled subset (SPEC §0 step 2).
 
@@ -85,6 +97,7 @@ def prepare_data(cfg: Config, *, need_test: bool = True, unlabeled_pool: bool = 
         if test is not None and list(test.classes) != list(train.classes):
             from simclrv2.data import DataError
             raise DataError("data: the class lists of the train and test splits differ")
+    print_scan_reports(train, test)
     labeled, _ = make_split(train, label_fraction=cfg.label_fraction, labeled_list=cfg.labeled_list,
                             seed=cfg.seed)
     return RunData(train=train, test=test, labeled_indices=labeled, image_size=image_size)

@@ -7,7 +7,10 @@ pool included. ``--alpha`` < 1 mixes in the labelled cross-entropy (Eq. 3). Temp
 to 0.1 for self-distillation and 1.0 for a different student, as in the paper. Same schedule,
 weight decay and batch size as pretraining; random crop + flip only.
 
-Deviation, stated: the teacher sees the student's augmented view (standard practice; the paper
+Deviations, stated: the distillation term is scaled by tau^2 by default, as the reference's
+distillation colab does (``--no-temperature-squared`` gives Eq. 2 as written); without it the
+gradients of the parameters LARS leaves unadapted (biases, BatchNorm) grow as 1/tau and the
+student's logits diverge at tau = 0.1. The teacher sees the student's augmented view (standard practice; the paper
 does not say whether teacher and student share the view).
 """
 
@@ -19,12 +22,22 @@ from simclrv2.config import Config, ConfigError
 from simclrv2.models import create_model
 from simclrv2.training.classifier import train_and_evaluate
 from simclrv2.training.data_setup import prepare_data
-from simclrv2.training.model_io import load_network, model_meta
+from simclrv2.training.model_io import load_checkpoint, load_network, load_state_into, model_meta
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import setup_runtime
 
 SELF_DISTILLATION_TEMPERATURE = 0.1
 BIG_TO_SMALL_TEMPERATURE = 1.0
+
+
+def init_student_encoder(student, path: str, arch: str) -> None:
+    """Copy the encoder weights of the checkpoint at ``path`` into the student (option
+    ``--init-student``; the paper trains students from scratch, this saves compute)."""
+    state, meta, file = load_checkpoint(path)
+    if meta["arch"] != arch:
+        raise ConfigError(f"init_student: {file} holds a {meta['arch']} network, the student is {arch}")
+    encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    load_state_into(student.encoder, encoder_state, source=str(file), expected_arch=arch, source_arch=meta["arch"])
 
 
 def distill(cfg: Config) -> dict[str, Any]:
@@ -51,8 +64,12 @@ def distill(cfg: Config) -> dict[str, Any]:
                       num_classes=data.num_classes, classes=data.classes, stage="distill")
     student = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0,
                            num_classes=data.num_classes, zero_init_classifier=False)
+    if cfg.init_student:
+        init_student_encoder(student, cfg.init_student, cfg.arch)
     return train_and_evaluate("distill", cfg, rt, run, data, None, student, meta, teacher=teacher,
                               temperature=temperature, alpha=cfg.alpha,
+                              temperature_squared=cfg.temperature_squared,
                               extra_results={"teacher": str(cfg.teacher), "teacher_arch": teacher_meta["arch"],
                                              "temperature": temperature, "alpha": cfg.alpha,
+                                             "init_student": cfg.init_student,
                                              "label_fraction": cfg.label_fraction})

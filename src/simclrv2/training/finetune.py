@@ -57,7 +57,13 @@ def build_finetune_network(checkpoint: str, num_classes: int, selector: int, cla
 def finetune(cfg: Config) -> dict[str, Any]:
     """``simclrv2 finetune``."""
     rt = setup_runtime(cfg)
-    _, src_meta, _ = load_checkpoint(cfg.checkpoint)
+    _, src_meta, src_file = load_checkpoint(cfg.checkpoint)
+    head_layers = src_meta["num_proj_layers"] if src_meta.get("head_layers_kept") is None \
+        else src_meta["head_layers_kept"]
+    if cfg.ft_proj_selector is not None and cfg.ft_proj_selector != -1 and not (
+            0 <= cfg.ft_proj_selector <= head_layers):  # checked before any data is loaded
+        raise ConfigError(f"ft_proj_selector: {cfg.ft_proj_selector} is larger than the {head_layers}-layer "
+                          f"projection head of {src_file} (allowed: -1 or 0..{head_layers})")
     if cfg.image_size and cfg.image_size != src_meta["image_size"]:
         raise ConfigError(f"image_size: the checkpoint was trained at {src_meta['image_size']} px, got "
                           f"--image-size {cfg.image_size}")

@@ -56,7 +56,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
     """Write the final weights of a stage (``model.safetensors``) with their description."""
     path = Path(path)
-    save_weights(unwrap(model).state_dict(), path, meta)
+    try:
+        save_weights(unwrap(model).state_dict(), path, meta)
+    except OSError as exc:
+        from simclrv2.training.errors import TrainingError
+        raise TrainingError(f"could not write the final weights {path} ({exc.strerror or exc}); no partial "
+                            "file was left. Free disk space, then rerun with --resume (the last checkpoint "
+                            "is intact)") from exc
     return path
 
 

@@ -26,10 +26,13 @@ from simclrv2.optim import l2_penalty
 from simclrv2.training.data_setup import RunData, prepare_data
 from simclrv2.training.evaluate import knn_accuracy, run_inference
 from simclrv2.training.model_io import export_model, model_meta, unwrap
+from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, setup_runtime
-from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, describe_plan, plan_steps
+from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, check_resume_compatible, describe_plan, \
+    plan_steps
 from simclrv2.utils import distributed as dist_utils
+from simclrv2.utils.checkpoint import CheckpointManager
 from simclrv2.utils.ema import ModelEMA
 
 PROBE_BASE_LR = 0.1
@@ -126,7 +129,7 @@ class PretrainTrainer(Trainer):
                                proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
                                ft_proj_selector=selector, classes=data.classes, stage="pretrain")
         if rt.distributed and cfg.global_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = convert_global_bn(net, rt.device)  # SyncBatchNorm on CUDA, own CPU version
         net = rt.prepare_model(net)
         self.net = net
         self.model = net
@@ -149,6 +152,8 @@ class PretrainTrainer(Trainer):
         aug_cfg = AugmentConfig.for_pretraining(data.image_size, color_jitter_strength=cfg.color_jitter_strength,
                                                 use_blur=cfg.use_blur)
         aug_cfg.crop_method = cfg.crop_method
+        aug_cfg.area_range = (cfg.crop_min_area, 1.0)
+        aug_cfg.flip = cfg.flip
         self.augment = SimCLRAugmentation(aug_cfg)
         self.knn_due = cfg.knn_every
 
@@ -211,6 +216,13 @@ class PretrainTrainer(Trainer):
 def pretrain(cfg: Config) -> dict[str, Any]:
     """``simclrv2 pretrain``: returns the results written to ``results.json``."""
     rt = setup_runtime(cfg)
+    if cfg.resume and cfg.out:  # a checkpoint of another network fails now, before anything is written
+        checkpoints = CheckpointManager(cfg.out)
+        latest = checkpoints.latest()
+        if latest is not None:
+            check_resume_compatible(checkpoints.read_meta(latest),
+                                    {"stage": "pretrain", "arch": cfg.arch, "num_proj_layers": cfg.num_proj_layers,
+                                     "proj_out_dim": cfg.proj_out_dim}, latest)
     run = RunDirectory.create(cfg, "pretrain", rt.is_main)
     data = prepare_data(cfg, need_test=True)
     plan = plan_steps(cfg, len(data.train), cfg.batch_size)

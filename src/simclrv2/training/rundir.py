@@ -52,17 +52,20 @@ class RunDirectory:
         """Append one JSON line and the TensorBoard scalars for ``metrics`` at ``step``."""
         if not self.is_main:
             return
-        if self._jsonl is None:
-            self._jsonl = open(self.path / "logs" / "metrics.jsonl", "a", buffering=1)
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         record = {"step": step, "stage": self.stage, "time": round(time.time(), 3),
                   **{f"{prefix}/{k}": v for k, v in clean.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in clean.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(f"{prefix}/{key}", value, step)
+        try:
+            if self._jsonl is None:
+                self._jsonl = open(self.path / "logs" / "metrics.jsonl", "a", buffering=1)
+            self._jsonl.write(json.dumps(record) + "\n")
+            writer = self._tensorboard()
+            if writer is not None:
+                for key, value in clean.items():
+                    if isinstance(value, float) and math.isfinite(value):
+                        writer.add_scalar(f"{prefix}/{key}", value, step)
+        except OSError as exc:
+            raise _write_error(self.path / "logs", exc) from exc
 
     def _tensorboard(self):
         if self._tb is None:
@@ -77,7 +80,10 @@ class RunDirectory:
     def write_results(self, results: dict[str, Any]) -> Path:
         path = self.path / "results.json"
         if self.is_main:
-            atomic_write_text(path, json.dumps(results, indent=2, default=float))
+            try:
+                atomic_write_text(path, json.dumps(results, indent=2, default=float))
+            except OSError as exc:
+                raise _write_error(path, exc) from exc
         return path
 
     def close(self) -> None:
@@ -88,6 +94,12 @@ class RunDirectory:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+def _write_error(path: Path, exc: OSError):
+    from simclrv2.training.errors import TrainingError
+    return TrainingError(f"could not write {path} ({exc.strerror or exc}); free disk space or fix the "
+                         "permissions, then continue with --resume (the last complete checkpoint is intact)")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -106,7 +106,7 @@ def seed_everything(seed: int) -> None:
 
 def setup_runtime(cfg: Config) -> Runtime:
     """Initialise processes (torchrun env), the device and precision, and seeds."""
-    rank, world_size, local_rank = dist_utils.setup_distributed()
+    rank, world_size, local_rank = dist_utils.setup_distributed(timeout=getattr(cfg, "dist_timeout", None))
     device = resolve_device(cfg.device, local_rank)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":

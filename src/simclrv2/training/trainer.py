@@ -23,7 +23,7 @@ from simclrv2.config import Config, ConfigError
 from simclrv2.data import BatchIterator, ImageSource
 from simclrv2.optim import LARS, WarmupCosineSchedule, lars_param_groups, scale_learning_rate, steps_for, \
     warmup_steps_for
-from simclrv2.training.errors import TrainingError
+from simclrv2.training.errors import CheckpointError, TrainingError
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, make_generator, restore_rng_state, rng_state
 from simclrv2.utils import distributed as dist_utils
@@ -137,24 +137,45 @@ class Trainer:
         self.scaler.update()
 
     def check_finite(self) -> None:
-        if bool(self._nonfinite):
+        flag = self._nonfinite
+        if dist_utils.is_distributed():  # a NaN on any rank stops every rank at the same step
+            flag = dist_utils.all_reduce_mean(flag.float()) > 0
+        if bool(flag):
             raise TrainingError(
                 f"the loss became NaN or Inf at or before step {self.step}; the run was stopped and the last "
                 f"good checkpoint was kept ({self.run.checkpoints.latest() or 'none yet'}). Try a lower "
                 "--learning-rate, --precision fp32, or check the input data.")
 
+    def check_weights_finite(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Refuse to checkpoint weights holding NaN/Inf (an update can break them while the loss of
+        that very step was still finite)."""
+        tensors = [(f"{stem}.{key}", value) for stem, state in weights.items() for key, value in state.items()
+                   if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        if not tensors or bool(torch.stack([torch.isfinite(v).all() for _, v in tensors]).all()):
+            return
+        bad = [name for name, v in tensors if not bool(torch.isfinite(v).all())]
+        raise TrainingError(
+            f"the weights became NaN or Inf at or before step {self.step} ({len(bad)} tensors, e.g. "
+            f"{', '.join(bad[:3])}); the run was stopped without writing them and the last good checkpoint "
+            f"was kept ({self.run.checkpoints.latest() or 'none yet'}). Try a lower --learning-rate or "
+            "--precision fp32.")
+
     def save_checkpoint(self) -> None:
         self.check_finite()
         if not self.rt.is_main:
             return
+        weights = self.checkpoint_weights()
+        self.check_weights_finite(weights)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng_state(self.generators), **self.extra_state()}
         meta = {"stage": self.stage, **self.model_meta()}
         try:
-            self.run.checkpoints.save(self.step, weights=self.checkpoint_weights(), state=state, meta=meta)
+            self.run.checkpoints.save(self.step, weights=weights, state=state, meta=meta)
         except OSError as exc:
             raise TrainingError(f"could not write a checkpoint to {self.run.checkpoints.root} "
-                                f"({exc.strerror or exc}); the previous checkpoint is intact") from exc
+                                f"({exc.strerror or exc}); nothing half-written was left and the previous "
+                                f"checkpoint is intact ({self.run.checkpoints.latest() or 'none yet'}). Free "
+                                "disk space or choose another --out, then --resume") from exc
 
     def maybe_resume(self) -> None:
         if not self.cfg.resume:
@@ -165,14 +186,24 @@ class Trainer:
                 print(f"resume: no checkpoint in {self.run.path}, starting from scratch")
             return
         ckpt = self.run.checkpoints.load(latest)
-        from simclrv2.training.model_io import unwrap
-        unwrap(self.model).load_state_dict(ckpt["weights"]["model"])
+        expected = {"stage": self.stage, **self.model_meta()}
+        check_resume_compatible(ckpt["meta"], expected, latest)
+        from simclrv2.training.model_io import load_state_into, unwrap
+        if "model" not in ckpt["weights"]:
+            raise CheckpointError(f"resume: {latest} holds no model.safetensors; it is not a complete checkpoint")
+        arch = str(expected.get("arch", "requested"))
+        load_state_into(unwrap(self.model), ckpt["weights"]["model"], source=str(latest), expected_arch=arch,
+                        source_arch=str(ckpt["meta"].get("arch", "different")))
         state = ckpt["state"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"], self.generators)
-        self.load_extra_state(state, ckpt["weights"])
-        self.step = int(state["step"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            restore_rng_state(state["rng"], self.generators)
+            self.load_extra_state(state, ckpt["weights"])
+            self.step = int(state["step"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"resume: the optimiser/state of {latest} does not fit this run ({exc}); "
+                                  "use the options of the original run or a new --out") from exc
         if self.rt.is_main:
             print(f"resume: continuing from step {self.step} ({latest})")
 
@@ -228,9 +259,34 @@ class Trainer:
                 if self.step % plan.steps_per_epoch == 0:
                     self.on_epoch_end(self.step // plan.steps_per_epoch)
             self.save_checkpoint()
+        except RuntimeError as exc:
+            if (not isinstance(exc, TrainingError) and dist_utils.is_distributed()
+                    and dist_utils.is_peer_failure(exc)):
+                raise TrainingError(dist_utils.peer_failure_message(exc)) from exc
+            raise
         finally:
             pbar.close()
         return self.last_metrics
+
+
+RESUME_KEYS = ("stage", "arch", "image_size", "num_proj_layers", "proj_out_dim", "num_classes",
+               "head_layers_kept", "classes")
+
+
+def check_resume_compatible(found: dict[str, Any], expected: dict[str, Any], where: Any) -> None:
+    """Raise :class:`CheckpointError` (exit code 2) when the checkpoint a resume would load was written
+    for another network or data set; ``expected`` may hold only the keys known so far."""
+    diffs = []
+    for key in RESUME_KEYS:
+        if key in found and key in expected and expected[key] is not None and found[key] is not None:
+            a, b = found[key], expected[key]
+            if (list(a) != list(b)) if isinstance(a, (list, tuple)) else a != b:
+                shown_a = f"{len(a)} classes" if key == "classes" else repr(a)
+                shown_b = f"{len(b)} classes" if key == "classes" else repr(b)
+                diffs.append(f"{key} {shown_a} in the checkpoint, {shown_b} now")
+    if diffs:
+        raise CheckpointError(f"resume: the checkpoint {where} does not match the requested network/data ("
+                              + "; ".join(diffs) + "); use the original options or a new --out")
 
 
 def describe_plan(stage: str, plan: StepPlan, num_examples: int, rt: Runtime) -> str:

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` so that readers see either the old or the new file, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Delete a half-written temporary file (e.g. after ENOSPC) so nothing partial is left behind."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,9 +93,13 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, meta: di
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     metadata = {META_KEY: json.dumps(meta or {})}
-    save_file(_contiguous_state(state_dict), str(tmp), metadata=metadata)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(_contiguous_state(state_dict), str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -106,11 +123,15 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
     strings and containers, so :func:`load_state` can read it with ``weights_only=True``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -122,9 +143,15 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, exactly what must not be done here: keep
+        # only the line naming the refused object.
+        detail = next((line.strip() for line in str(exc).splitlines()
+                       if "Unsupported" in line or "global" in line.lower()), "")
         raise CheckpointError(
             f"checkpoint: refused to load {path}: it contains objects other than tensors and plain data "
-            f"(a pickle that could run code). Only checkpoints written by simclrv2 are accepted. ({exc})"
+            f"(a pickle that could run code); nothing from it was executed. Only checkpoints written by "
+            f"simclrv2 are accepted; delete this checkpoint folder or start a new run."
+            + (f" ({detail})" if detail else "")
         ) from exc
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"checkpoint: {path} is unreadable ({exc})") from exc
@@ -150,17 +177,28 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
         final = self.root / name
-        tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        for stem, tensors in weights.items():
-            save_weights(tensors, tmp / f"{stem}.safetensors", meta)
-        save_state(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
-        _fsync_file(tmp / "meta.json")
-        _fsync_dir(tmp)
+        # A name no earlier (possibly killed) process can have used, even with a recycled pid.
+        tmp = self.root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            for stem, tensors in weights.items():
+                save_weights(tensors, tmp / f"{stem}.safetensors", meta)
+            save_state(state, tmp / "state.pt")
+            with open(tmp / "meta.json", "w") as handle:
+                handle.write(json.dumps({**meta, "step": step}, indent=2, default=str))
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+        except BaseException:
+            # Disk full, a write error or an interrupt: remove the incomplete folder so that
+            # nothing half-written stays next to the last complete checkpoint.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
+            # The same step again (e.g. a resumed run that was already finished): point `latest`
+            # at the complete temporary folder first, so that a kill between deleting the old
+            # folder and renaming the new one still leaves `latest` on a complete checkpoint.
+            atomic_write_text(self.root / LATEST, tmp.name)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
@@ -176,11 +214,21 @@ class CheckpointManager:
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
+    def read_meta(self, folder: Path) -> dict[str, Any]:
+        """The JSON description (architecture, step ...) of a checkpoint folder."""
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint: {folder / 'meta.json'} is unreadable ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint: {folder / 'meta.json'} is not a JSON object")
+        return meta
+
     def load(self, folder: Path | None = None) -> dict[str, Any]:
         folder = folder or self.latest()
         if folder is None:
             raise CheckpointError(f"resume: no complete checkpoint in {self.root}")
-        out: dict[str, Any] = {"meta": json.loads((folder / "meta.json").read_text()), "weights": {}}
+        out: dict[str, Any] = {"meta": self.read_meta(folder), "weights": {}}
         for file in folder.glob("*.safetensors"):
             out["weights"][file.stem] = load_weights(file)[0]
         out["state"] = load_state(folder / "state.pt")

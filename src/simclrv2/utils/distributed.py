@@ -29,6 +29,8 @@ __all__ = [
     "all_reduce_mean",
     "setup_distributed",
     "cleanup_distributed",
+    "is_peer_failure",
+    "peer_failure_message",
 ]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -135,3 +137,30 @@ def cleanup_distributed() -> None:
     """Destroy the default process group if one exists."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
+                         "broken pipe", "timed out", "timeout", "processgroup", "watchdog", "socket")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised inside a collective) means another process died or stopped answering.
+
+    Gloo reports a dead peer as a plain ``RuntimeError`` ("Connection reset by peer", "Connection
+    closed by peer") and a silent one as "Timed out waiting ...ms" once the process-group timeout
+    (``--dist-timeout``) passes; newer PyTorch versions raise ``torch.distributed.DistError``
+    subclasses. Only meaningful while a process group is initialised."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def peer_failure_message(exc: BaseException) -> str:
+    """A one-paragraph explanation of a failed collective, naming this rank and the cause."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"a peer process stopped or timed out (seen by rank {get_rank()} of {get_world_size()}): {first}. "
+            "Check the other processes' logs for the original error; resume with --resume once they are fixed.")
