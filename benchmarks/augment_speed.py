@@ -1,7 +1,8 @@
 """Throughput of the batched SimCLR augmentation vs torchvision's per-image PIL pipeline.
 
 Both run on one CPU thread (``torch.set_num_threads(1)``) and produce float tensors in
-[0, 1] from 8-bit RGB images of the same canvas size:
+[0, 1] from 8-bit RGB images of the same canvas size; the three variants are timed in
+interleaved windows (median of ``--repeats``) so background load hits them alike:
 
 * ours: ``SimCLRAugmentation`` on a uint8 batch (one view per image), with a fresh output
   tensor per call and, separately, writing into a reused ``out=`` buffer;
@@ -13,6 +14,8 @@ Usage::
 
     python benchmarks/augment_speed.py            # 32 px (CIFAR preset) and 224 px with blur
     python benchmarks/augment_speed.py --seconds 5 --batch-224 64
+
+``measure_case`` / ``format_case`` are imported by ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations
@@ -31,18 +34,27 @@ from simclrv2.augment import AugmentConfig, SimCLRAugmentation
 
 def _rate(fn, items_per_call: int, seconds: float, repeats: int) -> float:
     """Median images/s over ``repeats`` timed windows of about ``seconds`` each."""
-    fn()  # warm-up
-    rates = []
+    return _rates({"fn": fn}, items_per_call, seconds, repeats)["fn"]
+
+
+def _rates(fns: dict, items_per_call: int, seconds: float, repeats: int) -> dict[str, float]:
+    """Median images/s of each callable over ``repeats`` rounds; every round times one window of
+    about ``seconds / repeats`` per callable, in turn, so that on a shared machine all of them see
+    the same background load (interleaved rather than one after the other)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds / repeats:
-                break
-        rates.append(calls * items_per_call / elapsed)
-    return statistics.median(rates)
+        for name, fn in fns.items():
+            calls, start = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds / repeats:
+                    break
+            rates[name].append(calls * items_per_call / elapsed)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def torchvision_pipeline(size: int, strength: float, blur: bool) -> T.Compose:
@@ -61,7 +73,9 @@ def torchvision_pipeline(size: int, strength: float, blur: bool) -> T.Compose:
     return T.Compose(ops)
 
 
-def run_case(size: int, canvas: int, batch: int, blur: bool, seconds: float, repeats: int) -> None:
+def measure_case(size: int, canvas: int, batch: int, blur: bool, seconds: float, repeats: int) -> dict:
+    """Images/s of ours (fresh output, ``out=`` buffer) and of torchvision for one setting, on
+    the current thread count (the CLI sets one thread).  Returns a JSON-ready dict."""
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, size=(batch, canvas, canvas, 3), dtype=np.uint8)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
@@ -71,18 +85,47 @@ def run_case(size: int, canvas: int, batch: int, blur: bool, seconds: float, rep
     aug = SimCLRAugmentation(config)
     generator = torch.Generator().manual_seed(0)
     out = torch.empty(batch, 3, size, size)
-
-    ours = _rate(lambda: aug(images, generator), batch, seconds, repeats)
-    ours_out = _rate(lambda: aug(images, generator, out=out), batch, seconds, repeats)
     tv = torchvision_pipeline(size, config.color_jitter_strength, blur)
     torch.manual_seed(0)
-    theirs = _rate(lambda: [tv(im) for im in pil_images], batch, seconds, repeats)
 
-    label = f"{size:>3d} px (canvas {canvas}, s={config.color_jitter_strength}, blur={'on' if blur else 'off'})"
-    print(
-        f"{label:<42s} ours {ours:8.0f} img/s | ours out= {ours_out:8.0f} img/s | "
-        f"torchvision {theirs:7.0f} img/s | speed-up {ours / theirs:4.1f}x"
+    rates = _rates(
+        {
+            "ours": lambda: aug(images, generator),
+            "ours_out": lambda: aug(images, generator, out=out),
+            "torchvision": lambda: [tv(im) for im in pil_images],
+        },
+        batch,
+        seconds,
+        repeats,
     )
+    return {
+        "size": size,
+        "canvas": canvas,
+        "batch": batch,
+        "blur": blur,
+        "color_jitter_strength": config.color_jitter_strength,
+        "threads": torch.get_num_threads(),
+        "ours_images_per_s": rates["ours"],
+        "ours_out_images_per_s": rates["ours_out"],
+        "torchvision_images_per_s": rates["torchvision"],
+        "speedup": rates["ours"] / rates["torchvision"],
+    }
+
+
+def format_case(result: dict) -> str:
+    label = (f"{result['size']:>3d} px (canvas {result['canvas']}, s={result['color_jitter_strength']}, "
+             f"blur={'on' if result['blur'] else 'off'})")
+    return (
+        f"{label:<42s} ours {result['ours_images_per_s']:8.0f} img/s | "
+        f"ours out= {result['ours_out_images_per_s']:8.0f} img/s | "
+        f"torchvision {result['torchvision_images_per_s']:7.0f} img/s | speed-up {result['speedup']:4.1f}x"
+    )
+
+
+def run_case(size: int, canvas: int, batch: int, blur: bool, seconds: float, repeats: int) -> dict:
+    result = measure_case(size, canvas, batch, blur, seconds, repeats)
+    print(format_case(result))
+    return result
 
 
 def main() -> None:

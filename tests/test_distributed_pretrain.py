@@ -43,6 +43,15 @@ UPDATE_ATOL = 1e-7
 LOSS_RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process parts run single-threaded too (the cores are shared with the spawned ranks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +62,7 @@ def _config():
     return build_config("pretrain", None, {"weight_decay": 1e-4, "momentum": 0.9})
 
 
-def _build(world: int):
+def _build():
     """Same seed -> same initial weights in every process."""
     torch.manual_seed(1234)
     net = create_model(ARCH, image_size=SIZE, num_proj_layers=3, proj_out_dim=32)
@@ -78,7 +87,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     got = du.setup_distributed("gloo", timeout=60)
     try:
         assert got == (rank, WORLD, rank)
-        net = convert_global_bn(_build(WORLD))
+        net = convert_global_bn(_build())
         model = torch.nn.parallel.DistributedDataParallel(net)
         rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, rank=rank,
                      world_size=WORLD, local_rank=rank)
@@ -101,12 +110,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_two_process_pretrain_step_equals_one_process_full_batch(tmp_path):
-    init = {k: v.clone() for k, v in _build(1).state_dict().items()}
+    init = {k: v.clone() for k, v in _build().state_dict().items()}
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     # reference: one process, plain BatchNorm, the full batch laid out [all a; all b]
-    torch.manual_seed(0)
-    net = _build(1)
+    net = _build()
     rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False)
     cfg = _config()
     step = PretrainStep(net, build_optimizer(cfg, net, PEAK_LR), rt, temperature=TEMPERATURE,
@@ -145,8 +153,8 @@ def test_global_bn_conversion_keeps_weights_and_is_plain_bn_in_one_process():
     from simclrv2.training.global_bn import convert_global_bn
 
     torch.manual_seed(0)
-    plain = _build(1)
-    converted = convert_global_bn(_build(1))
+    plain = _build()
+    converted = convert_global_bn(_build())
     assert not any(type(m).__name__.startswith("BatchNorm") for m in converted.modules())
     assert converted.state_dict().keys() == plain.state_dict().keys()
     x = torch.rand(6, 3, SIZE, SIZE)

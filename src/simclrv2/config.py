@@ -288,8 +288,8 @@ def resolve(stage: str, cfg: Config) -> Config:
         if cfg.epochs is None:
             changes["epochs"] = 60 if fraction <= 0.01 else 30
         if cfg.learning_rate is None:
-            try:
-                _, width, sk = parse_arch_cheap(cfg.arch)
+            try:  # the network being fine-tuned is the checkpoint's, not --arch's default
+                _, width, sk = parse_arch_cheap(_checkpoint_arch(cfg.checkpoint) or cfg.arch)
             except ConfigError:
                 width, sk = 1, False
             changes["learning_rate"] = 0.002 if (width > 1 or sk) else 0.005
@@ -302,6 +302,24 @@ def resolve(stage: str, cfg: Config) -> Config:
     if stage == "distill" and cfg.temperature is None:
         changes["temperature"] = None  # decided once teacher and student are known (0.1 self, 1.0 smaller)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _checkpoint_arch(checkpoint: str | None) -> str | None:
+    """The architecture recorded in a checkpoint's safetensors metadata (None if unreadable;
+    validation reports a missing checkpoint)."""
+    if not checkpoint:
+        return None
+    try:
+        import json
+
+        from safetensors import safe_open
+
+        from simclrv2.utils.checkpoint import META_KEY, find_weights
+        with safe_open(str(find_weights(checkpoint)), framework="pt") as handle:
+            arch = json.loads((handle.metadata() or {}).get(META_KEY, "{}")).get("arch")
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint: fall back to --arch
+        return None
+    return arch if isinstance(arch, str) else None
 
 
 def _positive(cfg: Config, name: str, allow_none: bool = True) -> None:

@@ -103,7 +103,8 @@ def _load_folder(
     for path in scan["ignored_files"][part]:
         report.add("non_image_file", path.relative_to(split_dir).as_posix())
     readable = check_samples(samples, report, crop_size=image_size, relative_to=split_dir)
-    _check_scan(report, strict, warn=False)
+    _check_scan(report, strict=False, warn=False)  # only stops when nothing is readable; --strict is
+    # decided by load_dataset once decoding into memory has found what headers cannot show
     if canvas_size is None:
         canvas_size = canvas_for_image_size(image_size) if image_size is not None else _infer_canvas(readable)
     source = FolderImageSource(readable, scan["classes"], canvas_size, root=split_dir)

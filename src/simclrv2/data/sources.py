@@ -14,7 +14,7 @@ region of each image. Two implementations cover the practical cases:
 
 from __future__ import annotations
 
-import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +24,6 @@ import torch
 
 from .decode import decode_image
 from .errors import DataError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "as_index_tensor"]
 
@@ -186,6 +184,12 @@ class FolderImageSource(ImageSource):
     ``samples`` are ``(path, label)`` pairs; with ``root`` given, relative paths are
     resolved against it and ``paths`` exposes every path relative to ``root`` (POSIX
     form), which is what labelled-image lists are matched against.
+
+    ``skip_unreadable``: an image that fails to decode (a file damaged or removed after the
+    start-up scan, a flaky network disk) is replaced in its batch by another readable image,
+    with its own label and index, and a warning naming it is printed once; without it a
+    :class:`DataError` naming the file is raised. ``load_dataset`` turns it on for folders
+    read from disk during training, so one bad file cannot stop a long run.
     """
 
     def __init__(
@@ -255,7 +259,10 @@ class FolderImageSource(ImageSource):
     def _note_unreadable(self, index: int, exc: DataError) -> None:
         if index not in self._unreadable:
             self._unreadable.add(index)
-            log.warning("skipping an image that became unreadable and using another one in its place: %s", exc)
+            # Printed, not logged: this runs in decoding worker processes, whose logging set-up
+            # (handlers inherited from the parent, or none) cannot be relied on to show it.
+            print(f"warning: skipping an image that became unreadable and using another one in its place: "
+                  f"{exc}", file=sys.stderr, flush=True)
 
     def _replace_rows(self, failed: list[int], idx: torch.Tensor, images: torch.Tensor,
                       sizes: torch.Tensor) -> None:

@@ -59,7 +59,7 @@ def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_cl
                 step += 1
                 pbar.update(1)
                 if log is not None and (step % 50 == 0 or step == total):
-                    log(step, {"loss": float(loss), "lr": schedule.lr_at(step - 1)})
+                    log(step, {"loss": float(loss.detach()), "lr": schedule.lr_at(step - 1)})
     return classifier
 
 

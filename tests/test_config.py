@@ -1,0 +1,195 @@
+"""Run configuration: stage defaults of the paper's recipes, precedence, YAML files, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclrv2.cli.main import build_parser, config_from_args
+from simclrv2.config import ConfigError, build_config, load_yaml
+from simclrv2.utils.checkpoint import save_weights
+
+
+def _weights_file(tmp_path: Path, arch: str) -> Path:
+    """A tiny .safetensors file carrying a model description (enough for config resolution)."""
+    path = tmp_path / f"{arch}.safetensors"
+    save_weights({"w": torch.zeros(1)}, path, {"arch": arch, "image_size": 16, "num_proj_layers": 3})
+    return path
+
+
+def _cli_config(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    return config_from_args(args.command, args)
+
+
+# ------------------------------------------------------------------------------------------- stage defaults
+@pytest.mark.parametrize("arch, lr", [("r50_1x_sk0", 0.005), ("r18_1x_sk0", 0.005), ("r50_2x_sk0", 0.002),
+                                      ("r50_1x_sk1", 0.002), ("r152_3x_sk1", 0.002)])
+def test_finetune_learning_rate_follows_the_architecture(tmp_path, arch, lr):
+    # the fine-tuned network is the checkpoint's: its recorded architecture decides (SPEC §0, §5)
+    cfg = build_config("finetune", None, {"checkpoint": str(_weights_file(tmp_path, arch))})
+    assert cfg.learning_rate == lr
+    assert cfg.learning_rate_scaling == "sqrt" and cfg.optimizer == "lars"
+    assert cfg.weight_decay == 0.0 and cfg.warmup_epochs == 0.0
+
+
+def test_finetune_learning_rate_from_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_weights({"w": torch.zeros(1)}, run / "model.safetensors", {"arch": "r101_2x_sk1"})
+    assert build_config("finetune", None, {"checkpoint": str(run)}).learning_rate == 0.002
+    # an explicit learning rate always wins
+    assert build_config("finetune", None, {"checkpoint": str(run), "learning_rate": 0.01}).learning_rate == 0.01
+
+
+@pytest.mark.parametrize("fraction, epochs, selector", [(0.01, 60, 1), (0.005, 60, 1), (0.1, 30, 1),
+                                                        (0.5, 30, 1), (1.0, 30, 0), (None, 30, 0)])
+def test_finetune_epochs_and_head_selector_follow_the_label_fraction(tmp_path, fraction, epochs, selector):
+    values = {"checkpoint": str(_weights_file(tmp_path, "r50_1x_sk0"))}
+    if fraction is not None:
+        values["label_fraction"] = fraction
+    cfg = build_config("finetune", None, values)
+    assert cfg.epochs == epochs
+    assert cfg.ft_proj_selector == selector
+    # explicit values are kept
+    cfg = build_config("finetune", None, {**values, "epochs": 7, "ft_proj_selector": 2})
+    assert (cfg.epochs, cfg.ft_proj_selector) == (7, 2)
+
+
+@pytest.mark.parametrize("stage, epochs", [("pretrain", 100), ("distill", 400)])
+def test_warmup_is_five_percent_of_epochs_for_pretrain_and_distill(tmp_path, stage, epochs):
+    values = {"teacher": str(_weights_file(tmp_path, "r18_1x_sk0"))} if stage == "distill" else {}
+    cfg = build_config(stage, None, values)
+    assert cfg.epochs == epochs
+    assert cfg.warmup_epochs == pytest.approx(0.05 * epochs)
+    cfg = build_config(stage, None, {**values, "epochs": 40})
+    assert cfg.warmup_epochs == pytest.approx(2.0)
+    cfg = build_config(stage, None, {**values, "epochs": 40, "warmup_epochs": 0})
+    assert cfg.warmup_epochs == 0
+
+
+def test_other_stage_defaults():
+    pre = build_config("pretrain")
+    assert (pre.optimizer, pre.learning_rate, pre.learning_rate_scaling, pre.weight_decay, pre.temperature,
+            pre.batch_size, pre.num_proj_layers) == ("lars", 0.1, "sqrt", 1e-4, 0.1, 512, 3)
+    sup = build_config("supervised")
+    assert (sup.optimizer, sup.learning_rate, sup.learning_rate_scaling, sup.warmup_epochs) == \
+        ("momentum", 0.1, "linear", 0.0)
+
+
+# ------------------------------------------------------------------------------------------- precedence
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("batch_size: 32\ntemperature: 0.5\nseed: 3\n")
+    cfg = _cli_config(["pretrain", "--config", str(yaml_file), "--batch-size", "64"])
+    assert cfg.batch_size == 64          # flag beats YAML
+    assert cfg.temperature == 0.5        # YAML beats the stage default (0.1)
+    assert cfg.seed == 3
+    assert cfg.learning_rate == 0.1      # untouched stage default
+    # flags given before --config win as well (order on the command line does not matter)
+    cfg = _cli_config(["pretrain", "--temperature", "0.2", "--config", str(yaml_file)])
+    assert cfg.temperature == 0.2 and cfg.batch_size == 32
+
+
+def test_yaml_keys_with_dashes_or_underscores(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("batch-size: 48\nlearning_rate: 0.3\nlearning-rate-scaling: linear\nmax_per_class: 5\n")
+    assert load_yaml(yaml_file) == {"batch_size": 48, "learning_rate": 0.3, "learning_rate_scaling": "linear",
+                                    "max_per_class": 5}
+    cfg = _cli_config(["pretrain", "--config", str(yaml_file)])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.learning_rate_scaling, cfg.max_per_class) == \
+        (48, 0.3, "linear", 5)
+
+
+def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("batch_size: 32\nbatchsize: 64\n")
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_yaml(yaml_file)
+    yaml_file.write_text("pretrain:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_yaml(yaml_file)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(bad)
+
+
+def test_pipeline_yaml_stage_sections_reach_each_stage(tmp_path):
+    from simclrv2.training.pipeline import _stage_config
+
+    yaml_file = tmp_path / "pipe.yaml"
+    yaml_file.write_text("data: digits\nimage-size: 16\nlabel_fractions: [0.05, 0.2]\n"
+                         "pretrain:\n  epochs: 3\n  batch-size: 16\n"
+                         "finetune:\n  epochs: 2\n"
+                         "linear_eval:\n  epochs: 5\n")
+    pipe = _cli_config(["pipeline", "--config", str(yaml_file), "--seed", "9"])
+    assert pipe.stage_overrides == {"pretrain": {"epochs": 3, "batch_size": 16}, "finetune": {"epochs": 2},
+                                    "linear_eval": {"epochs": 5}}
+    assert pipe.label_fractions == [0.05, 0.2]
+    pre = _stage_config(pipe, "pretrain", "pretrain", {"epochs": 100, "batch_size": 512})
+    assert (pre.epochs, pre.batch_size, pre.image_size, pre.seed) == (3, 16, 16, 9)
+    assert pre.warmup_epochs == pytest.approx(0.15)
+    sup = _stage_config(pipe, "supervised", "supervised", {})
+    assert sup.epochs == 90  # no section: the stage default
+    lin = _stage_config(pipe, "linear-eval", "linear_eval", {"checkpoint": str(_weights_file(tmp_path, "r18_1x_sk0"))})
+    assert lin.epochs == 5
+
+
+# ------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("stage, values, field", [
+    ("pretrain", {"learning_rate": 0}, "learning_rate"),
+    ("pretrain", {"learning_rate": -0.1}, "learning_rate"),
+    ("pretrain", {"learning_rate": float("nan")}, "learning_rate"),
+    ("pretrain", {"batch_size": 0}, "batch_size"),
+    ("supervised", {"batch_size": -8}, "batch_size"),
+    ("pretrain", {"batch_size": 2.5}, "batch_size"),
+    ("pretrain", {"temperature": 0}, "temperature"),
+    ("pretrain", {"temperature": -0.5}, "temperature"),
+    ("pretrain", {"label_fraction": 0}, "label_fraction"),
+    ("pretrain", {"label_fraction": 1.5}, "label_fraction"),
+    ("supervised", {"label_fraction": -0.1}, "label_fraction"),
+    ("pipeline", {"label_fractions": [0.1, 2.0]}, "label_fractions"),
+    ("pretrain", {"ft_proj_selector": 4}, "ft_proj_selector"),
+    ("pretrain", {"num_proj_layers": 2, "ft_proj_selector": 3}, "ft_proj_selector"),
+    ("pretrain", {"arch": "r51_1x_sk0"}, "arch"),
+    ("supervised", {"arch": "resnet50"}, "arch"),
+    ("pipeline", {"student_arch": "r50_5x_sk0"}, "student_arch"),
+    ("pretrain", {"data": "/nonexistent/folder"}, "data"),
+    ("finetune", {}, "checkpoint"),
+    ("finetune", {"checkpoint": "/nonexistent/run"}, "checkpoint"),
+    ("evaluate", {"checkpoint": "/nonexistent/model.safetensors"}, "checkpoint"),
+    ("linear-eval", {"checkpoint": "/nonexistent/run"}, "checkpoint"),
+    ("distill", {}, "teacher"),
+    ("distill", {"teacher": "/nonexistent/teacher"}, "teacher"),
+    ("pretrain", {"epochs": 0}, "epochs"),
+    ("pretrain", {"max_steps": -1}, "max_steps"),
+    ("pretrain", {"momentum": 1.0}, "momentum"),
+    ("pretrain", {"optimizer": "adamw"}, "optimizer"),
+])
+def test_each_invalid_setting_is_rejected_naming_the_field(stage, values, field):
+    with pytest.raises(ConfigError) as info:
+        build_config(stage, None, values)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+def test_valid_edge_values_are_accepted(tmp_path):
+    assert build_config("pretrain", None, {"label_fraction": 1.0}).label_fraction == 1.0
+    assert build_config("pretrain", None, {"ft_proj_selector": 3}).ft_proj_selector == 3
+    assert build_config("pretrain", None, {"ft_proj_selector": -1}).ft_proj_selector == -1
+    assert build_config("pretrain", None, {"data": str(tmp_path)}).data == str(tmp_path)
+
+
+def test_unknown_field_from_code_is_an_error():
+    with pytest.raises(ConfigError, match="no_such_option"):
+        build_config("pretrain", None, {"no_such_option": 1})
