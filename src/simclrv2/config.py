@@ -149,7 +149,8 @@ class Config:
                               "pretraining (TF2 lineareval_while_pretraining) when labels exist.",
                               ("pretrain", "pipeline"))
     knn_every: int = _opt(0, "Evaluate kNN accuracy on the test split every N steps (0 = at each epoch end "
-                          "when the test split is small, else off).", ("pretrain",))
+                          "when a test split exists); at most 5000 labelled training and 2000 test images.",
+                          ("pretrain",))
     knn_k: int = _opt(20, "Neighbours for the kNN monitor.", ("pretrain",))
 
     # ---- distillation (paper §2 Eq. 2-3) -------------------------------------------------
@@ -364,6 +365,8 @@ def validate(stage: str, cfg: Config) -> None:
         raise ConfigError(f"memory_size: must be >= 0, got {cfg.memory_size!r}")
     if cfg.color_jitter_strength is not None and cfg.color_jitter_strength < 0:
         raise ConfigError(f"color_jitter_strength: must be >= 0, got {cfg.color_jitter_strength!r}")
+    if stage in ("pretrain", "pipeline") and cfg.num_proj_layers == 0:
+        raise ConfigError("num_proj_layers: pretraining needs a projection head, use 2..4 (SimCLRv2: 3)")
     if not (2 <= cfg.num_proj_layers <= 4) and cfg.num_proj_layers != 0:
         raise ConfigError(f"num_proj_layers: must be 0 or 2..4, got {cfg.num_proj_layers!r}")
     head_known = stage in fields_stage_of("num_proj_layers")  # finetune: the checkpoint's head decides

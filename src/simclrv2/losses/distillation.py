@@ -7,8 +7,9 @@ learning rate absorbs). The teacher is fixed, so its logits are detached.
 
 Hinton et al. multiply the soft-target term by τ² to keep gradient magnitudes comparable
 across temperatures; the paper's Eq. 2 does NOT, while the reference distillation colab
-(SPEC §9) uses τ²·CE. We follow the paper by default and expose
-``scale_by_temperature_squared=True`` for the colab's variant.
+(SPEC §9) uses τ²·CE. These functions follow the paper by default and expose
+``scale_by_temperature_squared=True`` for the colab's variant; the ``distill`` stage turns it
+on by default (``--no-temperature-squared`` gives Eq. 2 as written, see training/distill.py).
 
 Eq. 3 (optional mix with true labels):
     L = -(1-α) sum_{labelled} log P_S(y_i|x_i) - α · (Eq. 2 term)

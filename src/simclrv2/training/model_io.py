@@ -16,6 +16,7 @@ from torch import nn
 
 from simclrv2.models import SimCLRNet, create_model
 from simclrv2.training.errors import CheckpointError
+from simclrv2.utils.ema import unwrap_model
 from simclrv2.utils.checkpoint import find_weights, load_weights, save_weights
 
 def model_meta(*, arch: str, image_size: int, num_proj_layers: int, proj_out_dim: int = 128,
@@ -43,14 +44,8 @@ def build_from_meta(meta: dict[str, Any], *, classifier_stop_grad: bool = False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    """The plain module inside DDP / torch.compile wrappers (one implementation: utils.ema)."""
+    return unwrap_model(model)
 
 
 def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:

@@ -158,7 +158,7 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
 # 5-minute budget on 2 CPU cores. The self-distillation student starts from the pretrained encoder.
 DEMO_SETTINGS: dict[str, Any] = dict(
     data="digits", arch="r18_1x_sk0", image_size=16, label_fractions=[0.02, 0.1],
-    pretrain_epochs=10, finetune_epochs=60, distill_epochs=6, supervised_epochs=60,
+    pretrain_epochs=10, finetune_epochs=60, distill_epochs=3, supervised_epochs=60,
     batch_size=256, learning_rate=0.1, learning_rate_scaling="sqrt", temperature=0.2,
     crop_min_area=0.25, flip=False, init_student="pretrained",
     stage_overrides={"distill": {"batch_size": 256}, "linear_eval": {"epochs": 100}},

@@ -30,7 +30,7 @@ from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, setup_runtime
 from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, check_resume_compatible, describe_plan, \
-    plan_steps
+    optimizer_step, plan_steps
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils.checkpoint import CheckpointManager
 from simclrv2.utils.ema import ModelEMA
@@ -100,12 +100,7 @@ class PretrainStep:
     def __call__(self, views: torch.Tensor, labels: torch.Tensor, *, nonfinite: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
         loss, metrics = self.loss(views, labels)
-        if nonfinite is not None:
-            nonfinite |= ~torch.isfinite(loss.detach())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(loss, self.optimizer, self.scaler, nonfinite=nonfinite)
         self.update_memory(views)
         return metrics
 
@@ -123,8 +118,6 @@ class PretrainTrainer(Trainer):
         net = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=cfg.num_proj_layers,
                            proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
                            ft_proj_selector=selector, classifier_stop_grad=True)
-        if cfg.num_proj_layers == 0:
-            raise ValueError("pretraining needs a projection head (num_proj_layers >= 2)")
         self.meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=cfg.num_proj_layers,
                                proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
                                ft_proj_selector=selector, classes=data.classes, stage="pretrain")
@@ -163,7 +156,7 @@ class PretrainTrainer(Trainer):
         views = self.rt.layout(self.augment.two_views(images, self.generators["augment"], sizes=sizes))
         labels = self.labels[batch.indices].to(self.rt.device)
         metrics = self.step_fn(views, labels, nonfinite=self._nonfinite)
-        if self.knn_due and self.step + 1 > 0 and (self.step + 1) % self.knn_due == 0:
+        if self.knn_due and (self.step + 1) % self.knn_due == 0:
             self.monitor_knn(self.step + 1)
         return metrics
 

@@ -4,7 +4,6 @@ and PNG plots: training curves of every stage and top-1 against label fraction p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from simclrv2.training.rundir import read_metrics
 
@@ -125,7 +124,3 @@ def write_report(root: str | Path, table: dict[str, dict[str, dict[str, float]]]
     path.write_text("\n".join(lines))
     return path
 
-
-def load_table(root: str | Path) -> dict[str, Any]:
-    import json
-    return json.loads((Path(root) / "results.json").read_text())

@@ -10,7 +10,6 @@ last good checkpoint.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +57,9 @@ def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float,
     """LARS with BN/bias/classifier exclusions (SPEC §4) or Nesterov momentum SGD with L2 on
     every non-BatchNorm parameter (the reference's ``momentum`` optimiser).
 
-    ``classifier_lr_scale`` puts the classifier in its own group whose learning rate is the
-    schedule's times this factor (used by the online probe of pretraining, see pretrain.py)."""
+    ``classifier_lr_scale`` (LARS only) puts the classifier in its own excluded group whose learning
+    rate is the schedule's times this factor (used by the online probe of pretraining, see
+    pretrain.py, and by a distillation student's classifier, see classifier.py)."""
     if cfg.optimizer == "lars":
         groups = lars_param_groups(model, weight_decay=cfg.weight_decay or 0.0)
         if classifier_lr_scale is not None:
@@ -81,6 +81,18 @@ def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float,
     groups = [{"params": decay, "weight_decay": cfg.weight_decay or 0.0},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=peak_lr, momentum=cfg.momentum, nesterov=True)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                   nonfinite: torch.Tensor | None = None) -> None:
+    """Backward of ``loss`` (scaled when fp16), one optimiser step, scaler update. With ``nonfinite``
+    (a bool tensor on the device) a NaN/Inf loss is recorded in place, without a host sync."""
+    if nonfinite is not None:
+        nonfinite |= ~torch.isfinite(loss.detach())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 class Trainer:
@@ -130,11 +142,7 @@ class Trainer:
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward with optional fp16 scaling, then an optimiser step; records non-finite losses
         on the device (checked at log/checkpoint time, so no per-step host sync)."""
-        self._nonfinite |= ~torch.isfinite(loss.detach())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(loss, self.optimizer, self.scaler, nonfinite=self._nonfinite)
 
     def check_finite(self) -> None:
         flag = self._nonfinite
@@ -294,7 +302,3 @@ def describe_plan(stage: str, plan: StepPlan, num_examples: int, rt: Runtime) ->
             f"(schedule {plan.schedule_steps}, warmup {plan.warmup_steps}, {plan.steps_per_epoch}/epoch), "
             f"peak lr {plan.peak_lr:.4g}, {rt.device.type} {rt.precision}"
             + (f", {rt.world_size} processes" if rt.distributed else ""))
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +55,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that readers see either the old or the new file, never half of one."""
+def _write_atomically(path: str | Path, write: Callable[[Path], None], *, sync_dir: bool = True) -> None:
+    """``write(tmp)`` must write and fsync a temporary file; it then replaces ``path`` atomically (a
+    failure removes the temporary file and re-raises). ``sync_dir`` also fsyncs the parent folder."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so that readers see either the old or the new file, never half of one."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _write_atomically(path, write)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -90,17 +102,13 @@ def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """Save tensors as safetensors (atomically) with ``meta`` as JSON in the file's metadata."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     metadata = {META_KEY: json.dumps(meta or {})}
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(_contiguous_state(state_dict), str(tmp), metadata=metadata)
         _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+
+    _write_atomically(path, write)
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -121,17 +129,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Save non-weight state (optimiser, RNG, counters) with torch.save; only tensors, numbers,
     strings and containers, so :func:`load_state` can read it with ``weights_only=True``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+
+    _write_atomically(path, write, sync_dir=False)  # inside a checkpoint folder that is fsync'ed on rename
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
