@@ -36,8 +36,9 @@ each network (its first warm-up step): forward + backward convolutions and matri
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
 "model FLOPs").  Peaks: ``torch.mm`` on square matrices (2048, 4096; B row- and column-major),
 bf16 and fp32, best over sizes/layouts/rounds.  ``roofline_fraction`` = our step's FLOP/s / bf16
-matmul peak.  For context a bf16 3x3 convolution probe is timed too (oneDNN's convolutions can
-beat its matrix product on some CPUs, so the fraction can come close to or exceed 1).
+matmul peak.  For context a bf16 3x3 convolution probe is timed too: oneDNN's convolutions beat
+its square matrix products by ~1.45x on AVX-512-BF16 CPUs we tried, so "fraction of the conv probe"
+is the stricter figure.
 
 Peak memory: each worker records its RSS after imports and input creation, resets the kernel's
 high-water mark (``/proc/self/clear_refs``; ``ru_maxrss`` where that is not possible) and reports
@@ -261,11 +262,16 @@ class Worker:
     """Parent-side handle of a worker process."""
 
     def __init__(self, variant: str, batch: int, threads: int | None) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--batch-size", str(batch)]
+        env = dict(os.environ)
+        if variant == "ours_glibc":  # ablation: our step with glibc's default malloc policy
+            env["SIMCLRV2_MALLOC_TUNING"] = "0"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant.replace("_glibc", ""),
+               "--batch-size", str(batch)]
         if threads:
             cmd += ["--threads", str(threads)]
         self.variant = variant
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env=env)
         self.flops: int | None = None
         self.last_loss = math.nan
         self.info: dict[str, Any] = {}
@@ -322,7 +328,8 @@ def matmul_probe(n: int, dtype: torch.dtype, b_col_major: bool) -> Callable[[], 
     return lambda: torch.mm(a, b, out=c)
 
 
-CONV_PROBE = (256, 256, 16, 3)  # batch, channels, side, kernel: a group-3 convolution of ResNet-18 at 32 px
+CONV_PROBE = (256, 512, 4, 3)  # batch, channels, side, kernel: a group-4 3x3 conv of ResNet-18 at 32 px
+# (the fastest bf16 convolution shape we found on an AVX-512-BF16 CPU: ~1.45x the bf16 matmul peak)
 
 
 def conv_probe() -> tuple[Callable[[], None], int]:
@@ -394,6 +401,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch = args.batch_size
     peer_version = lightly_version()
     variants = ["ours", "ours_memory"] + (["lightly"] if peer_version else [])
+    if args.ablate_malloc:
+        variants.insert(1, "ours_glibc")
     say(f"starting workers: {', '.join(variants)} (batch {batch}) ...")
     workers = {v: Worker(v, batch, args.threads) for v in variants}
     augment = OursAugment(batch)  # this process gets the same runtime settings as our worker
@@ -413,7 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fns["conv_bf16"] = timed(conv_fn)
 
     # FLOPs are counted on the first (warm-up) step of each network; separately when --warmup 0.
-    counting = {name: w.step_counting_flops for name, w in workers.items() if name != "ours_memory"}
+    counting = {name: w.step_counting_flops for name, w in workers.items() if name in ("ours", "lightly")}
     t_phase = time.perf_counter()
     say(f"{args.warmup} warm-up + {args.steps} timed rounds of {', '.join(fns)} ...")
     times = interleaved(fns, args.warmup, args.steps, log=say, first_call=counting if args.warmup else None)
@@ -508,6 +517,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "final_loss": losses,
         "raw_seconds": times,
     }
+    if "ours_glibc" in workers:
+        results["pretrain"]["ours_glibc_malloc"] = {
+            **stats(times["ours_glibc"]), "images_per_s": batch / best["ours_glibc"],
+            "ours_speedup_from_malloc_setting": best["ours_glibc"] / best["ours"],
+            "ours_speedup_from_malloc_setting_paired_median": paired_ratio(times["ours_glibc"], times["ours"])}
     results["matmul_peaks"] = peaks
     results["conv_probe_bf16"] = {"shape": "x [%d,%d,%d,%d] channels_last, 3x3 weight, fwd" % (
         CONV_PROBE[0], CONV_PROBE[1], CONV_PROBE[2], CONV_PROBE[2]),
@@ -555,6 +569,9 @@ def render_table(r: dict[str, Any]) -> str:
     o, lt = p["ours"], p["lightly"]
     lines.append(row(f"ours ({c['precision']} autocast, channels_last, {c['optimizer']}, 1 fwd of 2N)", o,
                      o["gflop_per_step"], o["achieved_gflops"]))
+    if "ours_glibc_malloc" in p:
+        lines.append(row("ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)", p["ours_glibc_malloc"],
+                         o["gflop_per_step"], o["gflop_per_step"] / p["ours_glibc_malloc"]["min"]))
     lines.append(row(f"ours + memory (queue {c['queue_size']}, EMA {c['ema_decay']})", p["ours_memory"]))
     lines.append(row("lightly SimCLR (fp32, NCHW, SGD, 2 fwd of N)", lt,
                      lt["gflop_per_step"] if lt else None, lt["achieved_gflops"] if lt else None))
@@ -620,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aug-repeats", type=int, default=None, help="interleaved windows per variant (median)")
     parser.add_argument("--aug-batch-32", type=int, default=None, help="default 256 (128 with --quick)")
     parser.add_argument("--aug-batch-224", type=int, default=None, help="default 64 (16 with --quick)")
+    parser.add_argument("--ablate-malloc", action="store_true", help="also time our step with glibc's default "
+                        "malloc policy (SIMCLRV2_MALLOC_TUNING=0, see simclrv2.training.runtime)")
     parser.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     parser.add_argument("--worker", choices=("ours", "ours_memory", "lightly"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

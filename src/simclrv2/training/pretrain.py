@@ -75,8 +75,14 @@ class PretrainStep:
         metrics = {"contrast_loss": closs.loss.detach(), "contrast_acc": closs.accuracy,
                    "contrast_entropy": closs.entropy}
         if out.get("logits") is not None:
-            probe_loss, probe_acc = masked_cross_entropy(out["logits"], labels.repeat(2))
-            loss = loss + probe_loss
+            probe_labels = labels.repeat(2)
+            probe_loss, probe_acc = masked_cross_entropy(out["logits"], probe_labels)
+            # The probe's gradient is the CE summed over labelled rows / all rows, so that a batch
+            # with few labels (1% fractions) takes a proportionally small step instead of a full-size
+            # step from a handful of images (which made the probe diverge); probe_loss reports the
+            # mean over labelled rows.
+            labelled_share = (probe_labels >= 0).float().mean()
+            loss = loss + probe_loss * labelled_share
             classifier = unwrap(self.model).classifier
             if self.weight_decay:
                 loss = loss + l2_penalty(classifier, self.weight_decay)

@@ -22,7 +22,8 @@ def _method_title(method: str) -> str:
 
 
 def plot_training_curves(root: Path, out: Path) -> Path | None:
-    """One panel per stage directory: its training loss against step (log-scaled when it spans decades)."""
+    """One panel per stage directory: its training loss against step (the contrastive loss for
+    pretraining, with the kNN monitor on a second axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -31,8 +32,9 @@ def plot_training_curves(root: Path, out: Path) -> Path | None:
     curves = []
     for stage_dir in stages:
         records = [r for r in read_metrics(stage_dir) if "train/loss" in r]
+        key = "train/contrast_loss" if records and "train/contrast_loss" in records[0] else "train/loss"
         if records:
-            curves.append((stage_dir.name, [r["step"] for r in records], [r["train/loss"] for r in records],
+            curves.append((stage_dir.name, [r["step"] for r in records], [r[key] for r in records],
                            [(r["step"], r["monitor/knn_top1"]) for r in read_metrics(stage_dir)
                             if "monitor/knn_top1" in r]))
     if not curves:

@@ -45,10 +45,11 @@ def keep_freed_cpu_memory() -> bool:
     glibc serves every allocation of 32 MB or more with a fresh ``mmap`` and unmaps it on
     ``free``, so each training step pays page faults and kernel page-zeroing again for every
     large activation and gradient (a batch-256 CIFAR step allocates dozens of 32-64 MB
-    tensors): measured 13-25% of a bf16 ResNet-18 pretraining step on a 2-core AVX-512-BF16 CPU
-    (``benchmarks/throughput.py``). ``M_MMAP_MAX=0`` + a large ``M_TRIM_THRESHOLD`` make freed
-    blocks reusable. Numbers are unchanged; the cost is memory: the process keeps its high-water
-    mark, which is ~25-55% higher than glibc's default because the heap fragments.
+    tensors): 12-25% of a bf16 ResNet-18 pretraining step on a 2-core AVX-512-BF16 CPU
+    (``benchmarks/throughput.py --ablate-malloc``). ``M_MMAP_MAX=0`` + a large ``M_TRIM_THRESHOLD``
+    make freed blocks reusable. Results are bit-identical; the cost is memory: the process keeps
+    its high-water mark, and that mark is ~30-50% higher than with glibc's default because the
+    heap fragments (still below an fp32 run's).
 
     Returns True when applied. A no-op (False) off Linux/glibc, when ``SIMCLRV2_MALLOC_TUNING=0``,
     or when the user set a glibc ``MALLOC_*_`` variable or ``LD_PRELOAD`` (e.g. jemalloc/tcmalloc).
