@@ -36,9 +36,9 @@ each network (its first warm-up step): forward + backward convolutions and matri
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
 "model FLOPs").  Peaks: ``torch.mm`` on square matrices (2048, 4096; B row- and column-major),
 bf16 and fp32, best over sizes/layouts/rounds.  ``roofline_fraction`` = our step's FLOP/s / bf16
-matmul peak.  For context a bf16 3x3 convolution probe is timed too: oneDNN's convolutions beat
-its square matrix products by ~1.45x on AVX-512-BF16 CPUs we tried, so "fraction of the conv probe"
-is the stricter figure.
+matmul peak.  For context a bf16 3x3 convolution probe is timed too: on the 2-core AVX-512-BF16
+CPU we measured, oneDNN's convolutions ran ~1.4x faster than its square matrix products, so
+"fraction of the conv probe" is the stricter figure.
 
 Peak memory: each worker records its RSS after imports and input creation, resets the kernel's
 high-water mark (``/proc/self/clear_refs``; ``ru_maxrss`` where that is not possible) and reports
@@ -51,6 +51,7 @@ Usage::
     python benchmarks/throughput.py                 # batch 256, 6 timed rounds (several minutes)
     python benchmarks/throughput.py --quick         # batch 32, 4 timed rounds (< 2 minutes)
     python benchmarks/throughput.py --batch-size 128 --steps 5 --warmup 1 --out /tmp/t.json
+    python benchmarks/throughput.py --ablate-malloc # + our step with glibc's default malloc policy
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def matmul_probe(n: int, dtype: torch.dtype, b_col_major: bool) -> Callable[[], 
 
 
 CONV_PROBE = (256, 512, 4, 3)  # batch, channels, side, kernel: a group-4 3x3 conv of ResNet-18 at 32 px
-# (the fastest bf16 convolution shape we found on an AVX-512-BF16 CPU: ~1.45x the bf16 matmul peak)
+# (the fastest bf16 convolution shape we found on a 2-core AVX-512-BF16 CPU: ~1.4x the bf16 matmul peak)
 
 
 def conv_probe() -> tuple[Callable[[], None], int]:
