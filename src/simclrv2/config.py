@@ -300,8 +300,6 @@ def resolve(stage: str, cfg: Config) -> Config:
         epochs = changes.get("epochs", cfg.epochs)
         changes["warmup_epochs"] = 0.05 * epochs if (stage in ("pretrain", "distill", "pipeline", "demo")
                                                      and epochs) else 0.0
-    if stage == "distill" and cfg.temperature is None:
-        changes["temperature"] = None  # decided once teacher and student are known (0.1 self, 1.0 smaller)
     return cfg.replace(**changes) if changes else cfg
 
 
