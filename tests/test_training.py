@@ -272,7 +272,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
     # one epoch per stage (N·E//B + 1 steps): pretrain 3, fine-tune / supervised / distill 2
     argv = ["pipeline", *EVAL_COMMON, "--label-fractions", "0.1", "--student-arch", "r18_1x_sk1",
             "--pretrain-epochs", "1", "--finetune-epochs", "1", "--distill-epochs", "1", "--supervised-epochs", "1",
-            "--config", config, "--out", out]
+            "--crop-min-area", "0.3", "--config", config, "--out", out]
     cli(*argv)
     table = results(out)
     assert set(table) == {"supervised", "linear_eval", "finetune", "distill", "distill_r18_1x_sk1"}
@@ -289,6 +289,8 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
     assert table["finetune"]["0.1"]["top1"] == results(out / "finetune_0.1")["top1"]
     assert table["distill_r18_1x_sk1"]["0.1"]["top1"] == results(out / "distill_r18_1x_sk1_0.1")["top1"]
     assert yaml.safe_load((out / "linear_eval_0.1" / "config.yaml").read_text())["epochs"] == 5
+    for name in stage_dirs:   # crops are shared by every training stage (the demo's digits need it)
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["crop_min_area"] == 0.3, name
     assert results(out / "pretrain")["steps"] == 40 * 1 // 20 + 1    # the YAML section's batch size (SPEC §5)
     report = (out / "report.md").read_text()
     assert "| method |" in report

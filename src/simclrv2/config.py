@@ -134,11 +134,11 @@ class Config:
     use_blur: bool | None = _opt(None, "Gaussian blur in pretraining (default on; off for images <= 32 px).",
                                  AUG_STAGES)
     crop_method: str = _opt("reference", "Random crop sampler: reference (TF sample_distorted_bounding_box) or "
-                            "torchvision (RandomResizedCrop).", ("pretrain", "pipeline"),
+                            "torchvision (RandomResizedCrop).", TRAIN_STAGES + ("pipeline",),
                             choices=("reference", "torchvision"))
     crop_min_area: float = _opt(0.08, "Smallest crop area as a fraction of the image (SPEC §6 area_range; "
-                                "the reference's 0.08). Raise it for tiny images such as 8x8 digits.",
-                                ("pretrain", "pipeline"))
+                                "the reference's 0.08; every training stage's crops). Raise it for tiny images "
+                                "such as 8x8 digits.", TRAIN_STAGES + ("pipeline",))
     flip: bool = _opt(True, "Random horizontal flips (SPEC §6); turn off for data where mirroring changes the "
                       "class (digits, text).", TRAIN_STAGES + ("pipeline",))
     memory_size: int = _opt(0, "Momentum-memory queue length (extra negatives from an EMA encoder; 0 = off; "

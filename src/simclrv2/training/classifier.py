@@ -63,7 +63,8 @@ class ClassifierTrainer(Trainer):
         if teacher is not None:
             self.teacher = rt.prepare_model(teacher).eval().requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size, flip=cfg.flip))
+        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(
+            data.image_size, flip=cfg.flip, crop_method=cfg.crop_method, area_range=(cfg.crop_min_area, 1.0)))
         self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay) and teacher is None
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ STAGE_SECTIONS = ("pretrain", "finetune", "supervised", "linear_eval", "distill"
 # Settings every stage inherits from the pipeline's own options.
 SHARED_FIELDS = ("data", "data_root", "download", "image_size", "max_per_class", "num_workers", "strict", "seed",
                  "device", "precision", "channels_last", "compile", "eval_batch_size", "progress", "log_every",
-                 "checkpoint_every", "global_bn", "flip", "dist_timeout")
+                 "checkpoint_every", "global_bn", "flip", "crop_method", "crop_min_area", "dist_timeout")
 
 
 def fraction_key(fraction: float) -> str:
@@ -88,7 +88,7 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
         learning_rate=pipe.learning_rate, learning_rate_scaling=pipe.learning_rate_scaling,
         weight_decay=pipe.weight_decay, temperature=pipe.temperature, num_proj_layers=pipe.num_proj_layers,
         proj_out_dim=pipe.proj_out_dim, color_jitter_strength=pipe.color_jitter_strength, use_blur=pipe.use_blur,
-        crop_method=pipe.crop_method, crop_min_area=pipe.crop_min_area, memory_size=pipe.memory_size, ema_decay=pipe.ema_decay,
+        memory_size=pipe.memory_size, ema_decay=pipe.ema_decay,
         max_steps=pipe.max_steps, linear_probe=pipe.linear_probe,
         label_fraction=min(fractions)))
     pre_dir = root / "pretrain"
@@ -158,10 +158,10 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
 # 5-minute budget on 2 CPU cores. The self-distillation student starts from the pretrained encoder.
 DEMO_SETTINGS: dict[str, Any] = dict(
     data="digits", arch="r18_1x_sk0", image_size=16, label_fractions=[0.02, 0.1],
-    pretrain_epochs=10, finetune_epochs=60, distill_epochs=3, supervised_epochs=60,
+    pretrain_epochs=10, finetune_epochs=40, distill_epochs=6, supervised_epochs=40,
     batch_size=256, learning_rate=0.1, learning_rate_scaling="sqrt", temperature=0.2,
     crop_min_area=0.25, flip=False, init_student="pretrained",
-    stage_overrides={"distill": {"batch_size": 256}, "linear_eval": {"epochs": 100}},
+    stage_overrides={"distill": {"batch_size": 128}, "linear_eval": {"epochs": 100}},
 )
 
 
