@@ -180,7 +180,8 @@ class Config:
     pretrain_epochs: float | None = _opt(None, "Pipeline: pretraining epochs.", ("pipeline",))
     finetune_epochs: float | None = _opt(None, "Pipeline: fine-tuning epochs.", ("pipeline",))
     distill_epochs: float | None = _opt(None, "Pipeline: distillation epochs.", ("pipeline",))
-    supervised_epochs: float | None = _opt(None, "Pipeline: supervised-baseline epochs.", ("pipeline",))
+    supervised_epochs: float | None = _opt(None, "Pipeline: supervised-baseline epochs (default: the fine-tuning "
+                                           "epochs at each label fraction).", ("pipeline",))
     stage_overrides: dict[str, dict[str, Any]] | None = _opt(
         None, "Pipeline: per-stage settings, from the YAML sections pretrain/finetune/supervised/linear_eval/"
         "distill (no command-line flag).", ())

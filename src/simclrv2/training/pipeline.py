@@ -118,8 +118,10 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
                               is_main))
 
         sup_dir = root / f"supervised_{tag}"
+        # Without --supervised-epochs the baseline gets fine-tuning's epochs at this fraction: both
+        # see the same labelled images equally often (paper Table 2 compares at equal labels).
         sup_cfg = _stage_config(pipe, "supervised", "supervised", dict(
-            arch=pipe.arch, epochs=pipe.supervised_epochs, **label))
+            arch=pipe.arch, epochs=pipe.supervised_epochs or ft_cfg.epochs, **label))
         record("supervised", fraction, _run_stage(f"supervised {tag}", sup_dir, sup_cfg, supervised, timings,
                                                   is_main))
 
