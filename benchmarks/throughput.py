@@ -15,7 +15,8 @@ What is measured, in ONE run on the same machine, same batch and the same number
   same thread count, as ``PretrainTrainer.train_step`` runs it) and added for "incl. aug".
   No online probe (``num_classes=0``), like the peer.
 * **ours + memory**: the same with ``--memory-size 4096``: EMA copy (decay 0.999), a forward of
-  the EMA network on the views, FIFO queue of 4096 negatives -- pre-filled, so the loss sees the
+  the EMA network on the default key views (``--memory-keys-fraction 0.25``: the second view of a
+  quarter of the images), FIFO queue of 4096 negatives -- pre-filled, so the loss sees the
   steady-state 4096 extra columns from the first timed step.
 * **lightly** (peer reference; ``pip install lightly``, reported as unavailable otherwise):
   torchvision ``resnet18`` with the same CIFAR stem (conv1 3x3/s1, maxpool and fc = Identity),
@@ -152,7 +153,8 @@ class Ours:
             fill = torch.randn(memory_size, cfg.proj_out_dim, generator=torch.Generator().manual_seed(seed + 1))
             queue.enqueue(F.normalize(fill, dim=1))  # steady state: memory_size extra negatives every step
         self.step_fn = PretrainStep(net, self.optimizer, rt, temperature=cfg.temperature,
-                                    weight_decay=cfg.weight_decay or 0.0, ema=ema, queue=queue)
+                                    weight_decay=cfg.weight_decay or 0.0, ema=ema, queue=queue,
+                                    memory_keys_fraction=cfg.memory_keys_fraction)
         self.views = rt.layout(views.to(device))
         self.labels = torch.full((batch,), -1, dtype=torch.long, device=device)
 

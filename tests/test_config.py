@@ -154,6 +154,8 @@ def test_pipeline_yaml_stage_sections_reach_each_stage(tmp_path):
     ("pretrain", {"batch_size": 0}, "batch_size"),
     ("supervised", {"batch_size": -8}, "batch_size"),
     ("pretrain", {"batch_size": 2.5}, "batch_size"),
+    ("pretrain", {"memory_keys_fraction": 0}, "memory_keys_fraction"),
+    ("pretrain", {"memory_keys_fraction": 1.5}, "memory_keys_fraction"),
     ("pretrain", {"temperature": 0}, "temperature"),
     ("pretrain", {"temperature": -0.5}, "temperature"),
     ("pretrain", {"label_fraction": 0}, "label_fraction"),

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from simclrv2.losses import NegativeQueue, nt_xent
+from simclrv2.training.pretrain import PretrainStep
 from simclrv2.utils.ema import ModelEMA
 
 
@@ -112,3 +117,34 @@ def test_queue_negatives_raise_the_loss():
     without = nt_xent(z_a, z_b, tau)
     with_queue = nt_xent(z_a, z_b, tau, queue=q.negatives())
     assert with_queue > without + 0.1
+
+
+class _Projector(nn.Module):
+    """The piece of SimCLRNet's output the memory reads: ``{"projection": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"projection": self.linear(x.flatten(1))}
+
+
+@pytest.mark.parametrize("fraction, keys", [(0.25, 2), (0.5, 4), (1.0, 8), (0.01, 2)])
+def test_update_memory_queues_momentum_projections_of_the_key_views(fraction, keys):
+    torch.manual_seed(0)
+    net = _Projector()
+    ema = ModelEMA(net, decay=0.5)
+    queue = NegativeQueue(size=32, dim=4)
+    rt = SimpleNamespace(autocast=contextlib.nullcontext, grad_scaler=lambda: None)
+    step = PretrainStep(net, None, rt, temperature=0.1, ema=ema, queue=queue, memory_keys_fraction=fraction)
+    views = torch.randn(16, 3, 2, 2)  # 8 images: all first views, then all second views
+    with torch.no_grad():
+        net.linear.weight.add_(1.0)  # the online network moved: the EMA update must come first
+    step.update_memory(views)
+    with torch.no_grad():
+        expected_weight = 0.5 * (net.linear.weight - 1.0) + 0.5 * net.linear.weight
+        torch.testing.assert_close(ema.module.linear.weight, expected_weight)
+        expected = F.normalize(ema.module(views[8:8 + keys])["projection"], dim=1)
+    assert len(queue) == keys
+    torch.testing.assert_close(queue.negatives(), expected)

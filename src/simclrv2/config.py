@@ -144,6 +144,10 @@ class Config:
     memory_size: int = _opt(0, "Momentum-memory queue length (extra negatives from an EMA encoder; 0 = off; "
                             "65536 in the ImageNet recipe).", ("pretrain", "pipeline"))
     ema_decay: float = _opt(0.999, "EMA decay of the momentum encoder.", ("pretrain", "pipeline"))
+    memory_keys_fraction: float = _opt(0.25, "Share of each batch's images whose momentum-encoder projection "
+                                       "(second view) is queued per step; 1.0 = MoCo's one key per image. "
+                                       "0.25 keeps the momentum forward near 1/24 of a step's work.",
+                                       ("pretrain", "pipeline"))
     global_bn: bool = _opt(True, "SyncBatchNorm across processes when distributed (SPEC §1.6).", TRAIN_STAGES)
     linear_probe: bool = _opt(True, "Train an online linear probe on stop-gradient features while "
                               "pretraining (TF2 lineareval_while_pretraining) when labels exist.",
@@ -360,6 +364,8 @@ def validate(stage: str, cfg: Config) -> None:
         raise ConfigError(f"alpha: must be in [0, 1], got {cfg.alpha!r}")
     if not (0.0 < cfg.crop_min_area <= 1.0):
         raise ConfigError(f"crop_min_area: must be in (0, 1], got {cfg.crop_min_area!r}")
+    if not (0.0 < cfg.memory_keys_fraction <= 1.0):
+        raise ConfigError(f"memory_keys_fraction: must be in (0, 1], got {cfg.memory_keys_fraction!r}")
     if cfg.memory_size < 0:
         raise ConfigError(f"memory_size: must be >= 0, got {cfg.memory_size!r}")
     if cfg.color_jitter_strength is not None and cfg.color_jitter_strength < 0:

@@ -88,7 +88,7 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
         learning_rate=pipe.learning_rate, learning_rate_scaling=pipe.learning_rate_scaling,
         weight_decay=pipe.weight_decay, temperature=pipe.temperature, num_proj_layers=pipe.num_proj_layers,
         proj_out_dim=pipe.proj_out_dim, color_jitter_strength=pipe.color_jitter_strength, use_blur=pipe.use_blur,
-        memory_size=pipe.memory_size, ema_decay=pipe.ema_decay,
+        memory_size=pipe.memory_size, ema_decay=pipe.ema_decay, memory_keys_fraction=pipe.memory_keys_fraction,
         max_steps=pipe.max_steps, linear_probe=pipe.linear_probe,
         label_fraction=min(fractions)))
     pre_dir = root / "pretrain"
