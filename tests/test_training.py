@@ -138,13 +138,14 @@ def test_resume_continues_the_step_count_and_equals_the_uninterrupted_run(pre, t
 
 def test_pretrain_with_memory_checkpoints_queue_and_ema(tmp_path):
     out = tmp_path / "run"
-    cli(*PRETRAIN, "--max-steps", "2", "--checkpoint-every", "1", "--memory-size", "64", "--out", out)
+    cli(*PRETRAIN, "--max-steps", "2", "--checkpoint-every", "1", "--memory-size", "64", "--memory-keys-fraction",
+        "0.5", "--out", out)
     ckpt = CheckpointManager(out).load()
     assert ckpt["state"]["step"] == 2
     queue = ckpt["state"]["queue"]
     assert queue["embeddings"].shape == (64, 128)
     filled = int(queue["filled"])
-    assert filled == 2 * 16                                           # 2 steps x 16 views (8 images x 2)
+    assert filled == 2 * 4                                  # 2 steps x 4 keys (half of the 8 images' second views)
     rows = queue["embeddings"][:filled]
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(filled))  # L2-normalised projections
     assert not queue["embeddings"][filled:].abs().any()
