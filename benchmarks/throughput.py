@@ -50,7 +50,7 @@ not count.
 Usage::
 
     python benchmarks/throughput.py                 # batch 256, 6 timed rounds (several minutes)
-    python benchmarks/throughput.py --quick         # batch 256, 3 timed rounds (< 2 minutes)
+    python benchmarks/throughput.py --quick         # batch 256, 2 timed rounds (< 2 minutes)
     python benchmarks/throughput.py --batch-size 128 --steps 5 --warmup 1 --out /tmp/t.json
     python benchmarks/throughput.py --ablate-malloc # + our step with glibc's default malloc policy
 """
@@ -631,7 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=None, help="source images per step (default 256, "
                         "--quick included: the targets are set at batch 256); each image gives two views")
-    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 6; 3 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 6; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1)")
     parser.add_argument("--quick", action="store_true", help="few rounds, small augmentation batches (< 2 minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -646,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=("ours", "ours_memory", "lightly"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = dict(batch_size=256, steps=3 if quick else 6, warmup=1,
+    defaults = dict(batch_size=256, steps=2 if quick else 6, warmup=1,
                     aug_seconds=0.6 if quick else 6.0, aug_repeats=1 if quick else 3,
                     aug_batch_32=128 if quick else 256, aug_batch_224=16 if quick else 64)
     for key, value in defaults.items():
