@@ -60,7 +60,7 @@ class PretrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
                  temperature: float, weight_decay: float = 0.0, ema: ModelEMA | None = None,
                  queue: NegativeQueue | None = None, scaler: torch.amp.GradScaler | None = None,
-                 memory_keys_fraction: float = 1.0) -> None:
+                 memory_keys_fraction: float = Config.memory_keys_fraction) -> None:
         self.model, self.optimizer, self.rt = model, optimizer, rt
         self.temperature, self.weight_decay = temperature, weight_decay
         self.ema, self.queue = ema, queue
