@@ -24,7 +24,7 @@ from simclrv2.training.model_io import export_model
 from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime
-from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, describe_plan, plan_steps
+from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, crop_and_flip, describe_plan, plan_steps
 
 
 CLASSIFIER_BASE_LR = 0.1
@@ -63,8 +63,7 @@ class ClassifierTrainer(Trainer):
         if teacher is not None:
             self.teacher = rt.prepare_model(teacher).eval().requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(
-            data.image_size, flip=cfg.flip, crop_method=cfg.crop_method, area_range=(cfg.crop_min_area, 1.0)))
+        self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size, **crop_and_flip(cfg)))
         self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay) and teacher is None
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:

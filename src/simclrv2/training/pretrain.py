@@ -29,8 +29,8 @@ from simclrv2.training.model_io import export_model, model_meta, unwrap
 from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, setup_runtime
-from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, check_resume_compatible, describe_plan, \
-    optimizer_step, plan_steps
+from simclrv2.training.trainer import StepPlan, Trainer, build_optimizer, check_resume_compatible, crop_and_flip, \
+    describe_plan, optimizer_step, plan_steps
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils.checkpoint import CheckpointManager
 from simclrv2.utils.ema import ModelEMA
@@ -165,12 +165,9 @@ class PretrainTrainer(Trainer):
         self.step_fn = PretrainStep(self.model, self.optimizer, rt, temperature=cfg.temperature,
                                     weight_decay=cfg.weight_decay or 0.0, ema=self.ema, queue=self.queue,
                                     scaler=self.scaler, memory_keys_fraction=cfg.memory_keys_fraction)
-        aug_cfg = AugmentConfig.for_pretraining(data.image_size, color_jitter_strength=cfg.color_jitter_strength,
-                                                use_blur=cfg.use_blur)
-        aug_cfg.crop_method = cfg.crop_method
-        aug_cfg.area_range = (cfg.crop_min_area, 1.0)
-        aug_cfg.flip = cfg.flip
-        self.augment = SimCLRAugmentation(aug_cfg)
+        self.augment = SimCLRAugmentation(AugmentConfig.for_pretraining(
+            data.image_size, color_jitter_strength=cfg.color_jitter_strength, use_blur=cfg.use_blur,
+            **crop_and_flip(cfg)))
         self.knn_due = cfg.knn_every
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:

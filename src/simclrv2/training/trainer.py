@@ -52,6 +52,12 @@ def plan_steps(cfg: Config, num_examples: int, global_batch: int) -> StepPlan:
     return StepPlan(steps_per_epoch, schedule_steps, warmup, run_steps, global_batch, peak)
 
 
+def crop_and_flip(cfg: Config) -> dict[str, Any]:
+    """The configured random crop + flip, as :class:`~simclrv2.augment.AugmentConfig` overrides;
+    every training stage takes them (SPEC §6), so the pipeline can share them."""
+    return dict(crop_method=cfg.crop_method, area_range=(cfg.crop_min_area, 1.0), flip=cfg.flip)
+
+
 def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float,
                     classifier_lr_scale: float | None = None) -> torch.optim.Optimizer:
     """LARS with BN/bias/classifier exclusions (SPEC §4) or Nesterov momentum SGD with L2 on
