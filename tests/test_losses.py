@@ -228,9 +228,28 @@ def test_mixed_distillation_loss_matches_eq3():
     tau, alpha = 0.5, 0.3
     ce = [-math.log(math.exp(student[i, y]) / sum(math.exp(v) for v in student[i].tolist()))
           for i, y in enumerate(labels.tolist()) if y >= 0]
-    want = (1 - alpha) * sum(ce) / len(ce) + alpha * _soft_ce(student, teacher, tau)
+    # Eq. 3 sums both terms over the same batch; both are divided by the batch size (6).
+    want = (1 - alpha) * sum(ce) / 6 + alpha * _soft_ce(student, teacher, tau)
     got = mixed_distillation_loss(student, teacher, labels, tau, alpha)
     assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_mixed_distillation_weighs_a_labelled_row_like_one_distilled_row():
+    """At 1% labels a batch holds few labelled rows; their CE must not be averaged over them alone
+    (that weighs the label term ~100x and drowns the distillation term). Per-row gradients w.r.t. the
+    logits: labelled (1-α)(p - onehot)/B, distillation α(p_τ(s) - p_τ(t))/(τB)."""
+    g = torch.Generator().manual_seed(11)
+    batch, classes, tau, alpha = 64, 10, 0.5, 0.5
+    student = torch.randn(batch, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(batch, classes, generator=g, dtype=torch.float64)
+    labels = torch.full((batch,), -1)
+    labels[:2] = torch.tensor([3, 7])
+    mixed_distillation_loss(student, teacher, labels, tau, alpha).backward()
+    p = F.softmax(student.detach(), 1)
+    onehot = F.one_hot(labels.clamp(min=0), classes).double() * (labels >= 0).double().unsqueeze(1)
+    want = ((1 - alpha) * (p - onehot) * (labels >= 0).double().unsqueeze(1)
+            + alpha * (F.softmax(student.detach() / tau, 1) - F.softmax(teacher / tau, 1)) / tau) / batch
+    torch.testing.assert_close(student.grad, want)
 
 
 def test_mixed_distillation_without_labels_is_alpha_times_distillation():

@@ -301,6 +301,11 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png in report
 
+    timed = json.loads((out / "stage_seconds.json").read_text())
+    assert set(timed) == {"pretrain", "finetune 0.1", "distill 0.1", "distill into r18_1x_sk1 0.1",
+                          "supervised 0.1", "linear-eval 0.1"}
+    assert all(seconds > 0 for seconds in timed.values())
+
     mtimes = {name: (out / name / "results.json").stat().st_mtime_ns for name in stage_dirs}
     capsys.readouterr()
     start = time.perf_counter()
@@ -311,6 +316,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
     assert {name: (out / name / "results.json").stat().st_mtime_ns for name in stage_dirs} == mtimes
     assert results(out) == table
     assert rerun_seconds < 30
+    # the re-run skipped every stage, yet the report still says what each one cost
+    assert json.loads((out / "stage_seconds.json").read_text()) == timed
+    assert "Stage wall-clock times (s): pretrain " in (out / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------- real data

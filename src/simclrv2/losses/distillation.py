@@ -13,7 +13,11 @@ on by default (``--no-temperature-squared`` gives Eq. 2 as written, see training
 
 Eq. 3 (optional mix with true labels):
     L = -(1-α) sum_{labelled} log P_S(y_i|x_i) - α · (Eq. 2 term)
-The label term uses P_S at temperature 1 (the equation writes P^S(y_i|x_i) without τ).
+The label term uses P_S at temperature 1 (the equation writes P^S(y_i|x_i) without τ). Both
+sums run over the same batch, so both are divided by the batch size B: a labelled row's
+cross-entropy weighs as much as one row's distillation term. (Dividing the label term by the
+number of labelled rows instead would weigh it ~1/(labelled share) times more, e.g. 100x at 1%
+labels, and drown the distillation term.)
 
 All computation is in (at least) fp32 so mixed-precision logits are safe.
 """
@@ -68,20 +72,20 @@ def mixed_distillation_loss(
     *,
     scale_by_temperature_squared: bool = False,
 ) -> Tensor:
-    """Paper Eq. 3: ``(1-α)·CE(labelled rows) + α·distillation(all rows)``.
+    """Paper Eq. 3: ``[(1-α)·Σ_labelled CE + α·Σ_all distillation] / B``.
 
-    Rows with ``labels < 0`` (convention: -1) are unlabelled. The CE is the mean over the
-    labelled rows at temperature 1, and 0 when there are none (computed with a masked sum
-    divided by ``max(count, 1)``, so no host-device sync). The distillation term is
-    :func:`distillation_loss` over every row. ``alpha=1`` gives pure distillation (the
-    paper's default); ``alpha=0`` plain supervised CE.
+    Rows with ``labels < 0`` (convention: -1) are unlabelled and add nothing to the CE sum
+    (a masked sum, so no host-device sync). The CE is at temperature 1; the distillation term
+    is :func:`distillation_loss` (a batch mean) over every row. Both sums are divided by the
+    batch size B, as Eq. 3 sums both over the same images. ``alpha=1`` gives pure
+    distillation (the paper's default); ``alpha=0`` the labelled CE alone.
     """
     labelled = labels >= 0
     log_p = F.log_softmax(_fp32(student_logits), dim=-1)
     safe_labels = labels.clamp(min=0).long()
     nll = -log_p.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
     mask = labelled.to(nll.dtype)
-    ce = (nll * mask).sum() / mask.sum().clamp(min=1.0)
+    ce = (nll * mask).sum() / labels.numel()
     distill = distillation_loss(
         student_logits,
         teacher_logits,

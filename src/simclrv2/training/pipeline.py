@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from simclrv2.config import Config, build_config
 from simclrv2.training.report import write_report
+from simclrv2.utils.checkpoint import atomic_write_text
 
 STAGE_SECTIONS = ("pretrain", "finetune", "supervised", "linear_eval", "distill")
 
@@ -48,6 +49,21 @@ def _stage_config(pipe: Config, stage: str, section: str, overrides: dict[str, A
     return build_config(stage, None, values)
 
 
+STAGE_SECONDS_FILE = "stage_seconds.json"
+"""Wall-clock seconds of every finished stage, kept in the pipeline's run directory so that a
+re-run that skips finished stages still reports what each one cost."""
+
+
+def _load_timings(root: Path) -> dict[str, float]:
+    path = root / STAGE_SECONDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError):
+        return {}   # a damaged file only loses the timing table, never a run
+
+
 def _run_stage(name: str, run_dir: Path, cfg: Config, runner: Callable[[Config], dict[str, Any]],
                timings: dict[str, float], is_main: bool) -> dict[str, Any]:
     results_file = run_dir / "results.json"
@@ -60,6 +76,8 @@ def _run_stage(name: str, run_dir: Path, cfg: Config, runner: Callable[[Config],
     start = time.perf_counter()
     results = runner(cfg.replace(out=str(run_dir), resume=True))
     timings[name] = round(time.perf_counter() - start, 1)
+    if is_main:
+        atomic_write_text(run_dir.parent / STAGE_SECONDS_FILE, json.dumps(timings, indent=2))
     return results
 
 
@@ -76,7 +94,7 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
     run = RunDirectory.create(pipe, "pipeline", is_main)
     root = run.path
     fractions = pipe.label_fractions or [0.01, 0.1]
-    timings: dict[str, float] = {}
+    timings = _load_timings(root)
     table: dict[str, dict[str, dict[str, float]]] = {}
 
     def record(method: str, fraction: float, results: dict[str, Any]) -> None:
