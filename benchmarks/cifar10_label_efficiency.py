@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_seconds = json.loads((Path(args.out) / STAGE_SECONDS_FILE).read_text())
     payload = {"table": table, "checks": checks, "elapsed_s": round(elapsed, 1),
                "stage_seconds": stage_seconds, "stage_seconds_total": round(sum(stage_seconds.values()), 1),
-               "settings": {
-        k: v for k, v in settings.items() if k != "progress"}, "cpu_count": os.cpu_count()}
+               "settings": {k: v for k, v in settings.items() if k != "progress"}, "cpu_count": os.cpu_count()}
     (out_dir / "cifar10_label_efficiency.json").write_text(json.dumps(payload, indent=2))
     md = ["# CIFAR-10 label efficiency", "", "```", format_table(table), "```", "",
           f"Wall clock of this invocation: {elapsed / 60:.1f} min; all stages, including any finished by "
