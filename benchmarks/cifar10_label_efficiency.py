@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from simclrv2.config import build_config
-from simclrv2.training.pipeline import STAGE_SECONDS_FILE, format_table, fraction_key, run_pipeline
+from simclrv2.training.pipeline import format_table, fraction_key, load_stage_seconds, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SIMCLRV2_CIFAR10_DIR", REPO.parent / "shared" / "datasets" / "cifar10"))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         checks["target_distill_adds_1"] = gain >= 1
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage_seconds = json.loads((Path(args.out) / STAGE_SECONDS_FILE).read_text())
+    stage_seconds = load_stage_seconds(Path(args.out))
     payload = {"table": table, "checks": checks, "elapsed_s": round(elapsed, 1),
                "stage_seconds": stage_seconds, "stage_seconds_total": round(sum(stage_seconds.values()), 1),
                "settings": {k: v for k, v in settings.items() if k != "progress"}, "cpu_count": os.cpu_count()}

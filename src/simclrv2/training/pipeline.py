@@ -54,7 +54,8 @@ STAGE_SECONDS_FILE = "stage_seconds.json"
 re-run that skips finished stages still reports what each one cost."""
 
 
-def _load_timings(root: Path) -> dict[str, float]:
+def load_stage_seconds(root: Path) -> dict[str, float]:
+    """The stage timings a pipeline run directory has recorded so far ({} if none)."""
     path = root / STAGE_SECONDS_FILE
     if not path.is_file():
         return {}
@@ -94,7 +95,7 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
     run = RunDirectory.create(pipe, "pipeline", is_main)
     root = run.path
     fractions = pipe.label_fractions or [0.01, 0.1]
-    timings = _load_timings(root)
+    timings = load_stage_seconds(root)
     table: dict[str, dict[str, dict[str, float]]] = {}
 
     def record(method: str, fraction: float, results: dict[str, Any]) -> None:
