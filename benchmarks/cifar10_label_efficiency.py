@@ -90,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_seconds = load_stage_seconds(Path(args.out))
+    stage_seconds_total = sum(stage_seconds.values())
     payload = {"table": table, "checks": checks, "elapsed_s": round(elapsed, 1),
-               "stage_seconds": stage_seconds, "stage_seconds_total": round(sum(stage_seconds.values()), 1),
+               "stage_seconds": stage_seconds, "stage_seconds_total": round(stage_seconds_total, 1),
                "settings": {k: v for k, v in settings.items() if k != "progress"}, "cpu_count": os.cpu_count()}
     (out_dir / "cifar10_label_efficiency.json").write_text(json.dumps(payload, indent=2))
     md = ["# CIFAR-10 label efficiency", "", "```", format_table(table), "```", "",
           f"Wall clock of this invocation: {elapsed / 60:.1f} min; all stages, including any finished by "
-          f"an earlier invocation of the same run: {sum(stage_seconds.values()) / 60:.1f} min.", "",
+          f"an earlier invocation of the same run: {stage_seconds_total / 60:.1f} min.", "",
           f"Stage seconds: {json.dumps(stage_seconds)}", "", f"Checks: {json.dumps(checks)}", "",
           f"Command: `python benchmarks/cifar10_label_efficiency.py {' '.join(argv or sys.argv[1:])}`", ""]
     (out_dir / "cifar10_label_efficiency.md").write_text("\n".join(md))
