@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simclrv2.training.errors import CheckpointError
+from simclrv2.errors import CheckpointError
 from simclrv2.utils.checkpoint import (
     LATEST,
     CheckpointManager,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from simclrv2.cli.main import main
 from simclrv2.models import create_model
-from simclrv2.training.errors import CheckpointError
+from simclrv2.errors import CheckpointError
 from simclrv2.training.model_io import load_state_into
 from simclrv2.training.rundir import read_metrics
 from simclrv2.utils.checkpoint import CheckpointManager, load_weights

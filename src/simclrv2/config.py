@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 
+from simclrv2.errors import ConfigError
+
 STAGES = ("pretrain", "finetune", "linear-eval", "supervised", "distill", "evaluate", "pipeline", "demo")
 TRAIN_STAGES = ("pretrain", "finetune", "linear-eval", "supervised", "distill")
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "stl10")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the field and what is allowed."""
 
 
 def _opt(default: Any, help: str, stages: tuple[str, ...] | str = TRAIN_STAGES + ("pipeline",),

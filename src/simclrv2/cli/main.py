@@ -14,7 +14,8 @@ from dataclasses import fields
 from typing import Any, Callable, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import Config, ConfigError, build_config, fields_for_stage, load_yaml
+from simclrv2.config import Config, build_config, fields_for_stage, load_yaml
+from simclrv2.errors import EXIT_INTERRUPTED, EXIT_USAGE, SimCLRv2Error, TrainingError
 
 DESCRIPTIONS = {
     "pretrain": "Step 1: task-agnostic SimCLRv2 contrastive pretraining (NT-Xent over two augmented views, "
@@ -159,28 +160,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         from simclrv2.cli.models import print_models
         return print_models(as_json=args.json, image_size=args.image_size, show_all=args.all)
-    from simclrv2.data.errors import DataError
-    from simclrv2.training.errors import TrainingError
     try:
         cfg = config_from_args(args.command, args)
         runner = _runner(args.command)
-    except ConfigError as exc:
+    except SimCLRv2Error as exc:
         print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (ImportError, NotImplementedError) as exc:  # a stage not built yet
         print(f"simclrv2 {args.command}: not available in this version ({exc})", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         runner(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except TrainingError as exc:
         print(f"simclrv2 {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
+    except SimCLRv2Error as exc:
+        print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"simclrv2 {args.command}: interrupted; resume with --resume --out <run dir>", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

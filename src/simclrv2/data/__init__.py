@@ -8,7 +8,7 @@ the choice of labelled images for fine-tuning.
 
 from .cache import DEFAULT_CACHE_BYTES, cache_in_memory
 from .datasets import DATASET_NAMES, DEFAULT_DATASET, canvas_for_image_size, describe, load_dataset
-from .errors import DataError, MissingSplitError
+from simclrv2.errors import DataError, MissingSplitError
 from .folders import IMAGE_EXTENSIONS, find_eval_split, scan_image_folder
 from .loader import BatchIterator
 from .sources import Batch, FolderImageSource, ImageSource, TensorImageSource

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .errors import DataError
+from simclrv2.errors import DataError
 from .sources import Batch, ImageSource, TensorImageSource
 
 __all__ = ["DEFAULT_CACHE_BYTES", "cache_nbytes", "fits_in_memory", "cache_in_memory"]

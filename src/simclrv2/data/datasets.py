@@ -17,7 +17,7 @@ from PIL import Image
 
 from .cache import DEFAULT_CACHE_BYTES, cache_in_memory, cache_nbytes, fits_in_memory
 from .digits import load_digits_source
-from .errors import DataError, MissingSplitError
+from simclrv2.errors import DataError, MissingSplitError
 from .folders import scan_image_folder
 from .scan import ScanReport, check_samples
 from .sources import FolderImageSource, ImageSource, TensorImageSource

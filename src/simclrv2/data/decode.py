@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from simclrv2.errors import DataError
 
 __all__ = ["to_rgb", "fit_size", "letterbox", "decode_image"]
 

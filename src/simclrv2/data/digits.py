@@ -24,7 +24,7 @@ import hashlib
 
 import torch
 
-from .errors import DataError
+from simclrv2.errors import DataError
 from .sources import TensorImageSource
 
 __all__ = ["DIGITS_TRAIN_SIZE", "digits_split_indices", "load_digits_source"]

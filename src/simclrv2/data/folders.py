@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from .errors import DataError
+from simclrv2.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "EVAL_SPLITS", "find_eval_split", "scan_image_folder", "list_images"]
 

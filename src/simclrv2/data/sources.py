@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .decode import decode_image
-from .errors import DataError
+from simclrv2.errors import DataError
 
 __all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "as_index_tensor"]
 

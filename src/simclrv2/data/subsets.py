@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import DataError
+from simclrv2.errors import DataError
 from .sources import ImageSource
 
 __all__ = [

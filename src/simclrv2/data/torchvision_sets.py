@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from simclrv2.errors import DataError
 from .sources import TensorImageSource
 
 __all__ = ["TORCHVISION_SPLITS", "default_data_root", "load_torchvision_source"]

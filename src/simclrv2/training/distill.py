@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from simclrv2.config import Config, ConfigError
+from simclrv2.config import Config
+from simclrv2.errors import ConfigError
 from simclrv2.models import create_model
 from simclrv2.training.classifier import train_and_evaluate
 from simclrv2.training.data_setup import prepare_data

@@ -82,7 +82,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 def evaluate_checkpoint(cfg: Config) -> dict[str, Any]:
     """``simclrv2 evaluate``: top-1/top-5 of a trained classifier on the evaluation split."""
-    from simclrv2.config import ConfigError
+    from simclrv2.errors import ConfigError
     from simclrv2.training.data_setup import prepare_data
     from simclrv2.training.model_io import load_network
     from simclrv2.training.rundir import RunDirectory

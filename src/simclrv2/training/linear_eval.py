@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from simclrv2.config import Config, ConfigError
+from simclrv2.config import Config
+from simclrv2.errors import ConfigError
 from simclrv2.models import LinearClassifier
 from simclrv2.optim import WarmupCosineSchedule, scale_learning_rate, steps_for
 from simclrv2.training.data_setup import prepare_data

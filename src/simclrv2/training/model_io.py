@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from simclrv2.models import SimCLRNet, create_model
-from simclrv2.training.errors import CheckpointError
+from simclrv2.errors import CheckpointError
 from simclrv2.utils.ema import unwrap_model
 from simclrv2.utils.checkpoint import find_weights, load_weights, save_weights
 
@@ -54,7 +54,7 @@ def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Pa
     try:
         save_weights(unwrap(model).state_dict(), path, meta)
     except OSError as exc:
-        from simclrv2.training.errors import TrainingError
+        from simclrv2.errors import TrainingError
         raise TrainingError(f"could not write the final weights {path} ({exc.strerror or exc}); no partial "
                             "file was left. Free disk space, then rerun with --resume (the last checkpoint "
                             "is intact)") from exc

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simclrv2.config import Config, ConfigError, save_config
+from simclrv2.config import Config, save_config
+from simclrv2.errors import ConfigError
 from simclrv2.utils.checkpoint import CheckpointManager, atomic_write_text
 
 
@@ -97,7 +98,7 @@ class RunDirectory:
 
 
 def _write_error(path: Path, exc: OSError):
-    from simclrv2.training.errors import TrainingError
+    from simclrv2.errors import TrainingError
     return TrainingError(f"could not write {path} ({exc.strerror or exc}); free disk space or fix the "
                          "permissions, then continue with --resume (the last complete checkpoint is intact)")
 

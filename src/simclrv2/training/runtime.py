@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from simclrv2.config import Config, ConfigError
+from simclrv2.config import Config
+from simclrv2.errors import ConfigError
 from simclrv2.utils import distributed as dist_utils
 
 

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from simclrv2.config import Config, ConfigError
+from simclrv2.config import Config
+from simclrv2.errors import ConfigError
 from simclrv2.data import BatchIterator, ImageSource
 from simclrv2.optim import LARS, WarmupCosineSchedule, lars_param_groups, scale_learning_rate, steps_for, \
     warmup_steps_for
-from simclrv2.training.errors import CheckpointError, TrainingError
+from simclrv2.errors import CheckpointError, TrainingError
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, make_generator, restore_rng_state, rng_state
 from simclrv2.utils import distributed as dist_utils

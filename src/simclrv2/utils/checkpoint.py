@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from simclrv2.training.errors import CheckpointError
+from simclrv2.errors import CheckpointError
 
 LATEST = "latest"
 META_KEY = "simclrv2"
