@@ -14,8 +14,8 @@ from dataclasses import fields
 from typing import Any, Callable, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import Config, build_config, fields_for_stage, load_yaml
-from simclrv2.errors import EXIT_INTERRUPTED, EXIT_USAGE, SimCLRv2Error, TrainingError
+from simclrv2.config import Config, build_config, check_applies, field_kind, fields_for_stage, load_yaml
+from simclrv2.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, SimCLRv2Error, TrainingError
 
 DESCRIPTIONS = {
     "pretrain": "Step 1: task-agnostic SimCLRv2 contrastive pretraining (NT-Xent over two augmented views, "
@@ -74,6 +74,9 @@ def add_config_options(parser: argparse.ArgumentParser, stage: str) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
             if default is not None:
                 kwargs["help"] = help_text + f" [default: {'on' if default else 'off'}]"
+        elif meta.get("action") == "append":
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "DIR"
         elif kind is list:
             kwargs["nargs"] = meta.get("nargs", "+")
             kwargs["type"] = meta.get("type", float)
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage in ("pretrain", "finetune", "distill", "linear-eval", "supervised", "evaluate", "pipeline",
                   "demo"):
-        p = sub.add_parser(stage, help=SHORT_HELP[stage], description=DESCRIPTIONS[stage])
+        p = sub.add_parser(stage, help=SHORT_HELP[stage], description=DESCRIPTIONS[stage], allow_abbrev=False)
         add_config_options(p, stage)
     models = sub.add_parser("models", help="List the architectures of the model zoo with parameter counts.",
                             description="List the SimCLRv2 ResNet family: name, depth, width, selective "
@@ -119,8 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(stage: str, args: argparse.Namespace) -> Config:
     flag_values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
-    file_values = load_yaml(args.config_file) if getattr(args, "config_file", None) else {}
+    file_values = load_yaml(args.config_file, stage) if getattr(args, "config_file", None) else {}
+    if "unlabeled" in flag_values and "unlabeled" in file_values:  # repeatable: flags add to the file's
+        flag_values["unlabeled"] = [*file_values["unlabeled"], *flag_values["unlabeled"]]
     return build_config(stage, file_values, flag_values)
+
+
+def check_extra_arguments(stage: str, extras: list[str]) -> None:
+    """Arguments argparse did not recognise: an option of another command, a misspelt one (with
+    "did you mean"), or a stray value. Raises ConfigError naming the first one (exit 2)."""
+    for arg in extras:
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name.startswith("no_") and name[3:] in {f.name for f in fields(Config)} \
+                    and field_kind(name[3:])[0] == "bool":
+                name = name[3:]
+            check_applies(name, stage, flag=True)
+            raise ConfigError(f"--{name.replace('_', '-')}: unexpected form {arg!r}")  # pragma: no cover
+        raise ConfigError(f"unexpected argument {arg!r} (options start with --; see simclrv2 {stage} --help)")
 
 
 def _runner(stage: str) -> Callable[[Config], Any]:
@@ -153,7 +172,9 @@ def _runner(stage: str) -> Callable[[Config], Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command in (None, "models") or (extras and args.command not in DESCRIPTIONS):
+        parser.parse_args(argv)  # argparse's own message and exit code 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -161,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simclrv2.cli.models import print_models
         return print_models(as_json=args.json, image_size=args.image_size, show_all=args.all)
     try:
+        check_extra_arguments(args.command, extras)
         cfg = config_from_args(args.command, args)
         runner = _runner(args.command)
     except SimCLRv2Error as exc:
