@@ -88,7 +88,8 @@ def _load_folder(
 ) -> FolderImageSource:
     """Scan the folder (layout, then every file's header, see :mod:`.scan`) and build the source of
     the readable files; the findings are attached as ``source.scan_report``."""
-    scan = scan_image_folder(root, max_per_class=max_per_class, allow_empty_classes=not strict)
+    scan = scan_image_folder(root, max_per_class=max_per_class, allow_empty_classes=not strict,
+                             require_train=split == "train")
     if split == "train":
         samples, split_dir, part = scan["train"], root / "train", "train"
     elif split in ("test", "val"):

@@ -79,7 +79,7 @@ def _preview(names: list[str], limit: int = 10) -> str:
 
 
 def scan_image_folder(root: str | Path, *, max_per_class: int | None = None,
-                      allow_empty_classes: bool = False) -> dict:
+                      allow_empty_classes: bool = False, require_train: bool = True) -> dict:
     """Scan ``ROOT/train`` and the evaluation split of an ImageNet-layout folder.
 
     Returns a dict with keys ``root`` (Path), ``classes`` (sorted names), ``train``
@@ -102,6 +102,8 @@ def scan_image_folder(root: str | Path, *, max_per_class: int | None = None,
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist (expected ROOT/train/<class>/<images>)")
     train_dir = root / "train"
+    if not train_dir.is_dir() and not require_train and find_eval_split(root):
+        return _scan_eval_only(root, max_per_class)  # evaluate scores a folder holding only val/ or test/
     if not train_dir.is_dir():
         hint = ""
         if any(_class_dirs(root)) and not find_eval_split(root):
@@ -138,3 +140,19 @@ def scan_image_folder(root: str | Path, *, max_per_class: int | None = None,
             raise DataError(f"no images found under {eval_dir}")
     return {"root": root, "classes": classes, "train": train, "eval": eval_samples, "eval_split": eval_split,
             "empty_classes": empty_classes, "ignored_files": ignored}
+
+
+def _scan_eval_only(root: Path, max_per_class: int | None) -> dict:
+    """``scan_image_folder``'s result for a folder with an evaluation split and no ``train``: the
+    classes are the evaluation split's class folders."""
+    eval_split = find_eval_split(root)
+    eval_dir = root / eval_split
+    classes = _class_dirs(eval_dir)
+    if not classes:
+        raise DataError(f"{eval_dir} has no class folders (expected {eval_dir}/<class>/<images>)")
+    ignored: dict[str, list[Path]] = {"train": [], "eval": []}
+    eval_samples, empty = _scan_split(eval_dir, classes, max_per_class, ignored["eval"])
+    if not eval_samples:
+        raise DataError(f"no images found under {eval_dir}")
+    return {"root": root, "classes": classes, "train": [], "eval": eval_samples, "eval_split": eval_split,
+            "empty_classes": {"train": [], "eval": empty}, "ignored_files": ignored}

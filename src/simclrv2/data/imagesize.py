@@ -81,8 +81,8 @@ def _estimate(data: str | None, unlabeled: tuple[str, ...], labels: str | None) 
     size = median if median <= CIFAR_MAX_SIDE else FOLDER_DEFAULT_SIZE
     note = ""
     if sides[-1] > 2 * sides[0]:
-        note = (f"mixed sizes: {sides[0]} to {sides[-1]} px; every image is resized to {size} px "
-                "(set --image-size to choose)")
+        note = (f"mixed sizes: longest sides {sides[0]} to {sides[-1]} px (median {median}) in a sample of "
+                f"{len(sides)}; every image is resized to the training size (--image-size chooses it)")
     return SizeEstimate(size, len(sides), median, sides[0], sides[-1], note)
 
 

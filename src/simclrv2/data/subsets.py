@@ -58,25 +58,49 @@ def label_fraction_indices(labels: torch.Tensor, fraction: float, seed: int) -> 
     return torch.cat(chosen).sort().values
 
 
-def read_labeled_list(list_file: str | Path) -> list[str]:
-    """Entries of a labelled-image list: one path per line, blanks and ``#`` lines skipped.
+MAX_LIST_BYTES = 256 * 1024 * 1024
+"""ImageNet's full train list is ~40 MB; a labelled-image list larger than this is refused unread."""
 
-    Backslashes become ``/`` and a leading ``./`` is dropped, so lists written on Windows
-    or by ``find .`` match too.
-    """
+
+def _read_list_lines(list_file: str | Path) -> list[tuple[int, str]]:
+    """``(line number, entry)`` of a labelled-image list: blanks and ``#`` lines skipped, backslashes
+    made ``/``, leading ``./`` dropped (lists written on Windows or by ``find .`` match too)."""
     path = Path(list_file).expanduser()
     if not path.is_file():
         raise DataError(f"labelled-image list {path} does not exist")
+    try:
+        if path.stat().st_size > MAX_LIST_BYTES:
+            raise DataError(f"labelled-image list {path} is larger than {MAX_LIST_BYTES >> 20} MiB")
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"labelled-image list {path} is not UTF-8 text (invalid byte at offset {exc.start}): "
+                        "expected one image path per line") from exc
+    except OSError as exc:
+        raise DataError(f"labelled-image list {path} cannot be read ({exc.strerror or exc})") from exc
     entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         entry = entry.replace("\\", "/")
         while entry.startswith("./"):
             entry = entry[2:]
-        entries.append(entry)
+        entries.append((number, entry))
     return entries
+
+
+def read_labeled_list(list_file: str | Path) -> list[str]:
+    """Entries of a labelled-image list: one path per line, blanks and ``#`` lines skipped.
+
+    Backslashes become ``/`` and a leading ``./`` is dropped, so lists written on Windows
+    or by ``find .`` match too. Not UTF-8 text or over :data:`MAX_LIST_BYTES`: :class:`DataError`.
+    """
+    return [entry for _, entry in _read_list_lines(list_file)]
+
+
+def _lines(numbers: list[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, numbers[:limit]))
+    return "line" + ("s " if len(numbers) > 1 else " ") + shown + (", ..." if len(numbers) > limit else "")
 
 
 def labeled_list_indices(source: ImageSource, list_file: str | Path) -> torch.Tensor:
@@ -86,14 +110,16 @@ def labeled_list_indices(source: ImageSource, list_file: str | Path) -> torch.Te
     (``<class>/<file>``); a bare file name (the format of the reference's
     ``1percent.txt``: ``n01440764_10026.JPEG``) is matched by base name, and must then be
     unique among the source's files. Duplicated entries count once. Unknown or ambiguous
-    entries raise :class:`DataError` listing up to 10 of them.
+    entries raise :class:`DataError` giving their count and line numbers, never the lines
+    themselves: the file may be something else passed by mistake, and its contents must not
+    end up in a log.
     """
     if source.paths is None:
         raise DataError(
             "labelled-image lists need a folder dataset (with file paths); "
             "use a label fraction for built-in datasets"
         )
-    entries = read_labeled_list(list_file)
+    entries = _read_list_lines(list_file)
     if not entries:
         raise DataError(f"labelled-image list {list_file} has no entries")
     by_path = {p: i for i, p in enumerate(source.paths)}
@@ -101,29 +127,30 @@ def labeled_list_indices(source: ImageSource, list_file: str | Path) -> torch.Te
     for i, p in enumerate(source.paths):
         by_name.setdefault(p.rsplit("/", 1)[-1], []).append(i)
     found: set[int] = set()
-    unknown: list[str] = []
-    ambiguous: list[str] = []
-    for entry in entries:
+    unknown: list[int] = []
+    ambiguous: list[int] = []
+    for number, entry in entries:
         if "/" in entry:
             if entry in by_path:
                 found.add(by_path[entry])
             else:
-                unknown.append(entry)
+                unknown.append(number)
             continue
         hits = by_name.get(entry, [])
         if len(hits) == 1:
             found.add(hits[0])
         elif hits:
-            ambiguous.append(entry)
+            ambiguous.append(number)
         else:
-            unknown.append(entry)
+            unknown.append(number)
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} not found in {source.root or 'the source'}: {', '.join(unknown[:10])}")
+        problems.append(f"{len(unknown)} of {len(entries)} entries name no image under "
+                        f"{source.root or 'the training data'} ({_lines(unknown)}; entries are paths relative "
+                        "to the train root, <class>/<file>, or unique file names)")
     if ambiguous:
-        problems.append(
-            f"{len(ambiguous)} bare names match several files (write <class>/<file>): {', '.join(ambiguous[:10])}"
-        )
+        problems.append(f"{len(ambiguous)} bare file names match several files, write <class>/<file> "
+                        f"({_lines(ambiguous)})")
     if problems:
         raise DataError(f"labelled-image list {list_file}: " + "; ".join(problems))
     return torch.tensor(sorted(found), dtype=torch.long)

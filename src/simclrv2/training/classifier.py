@@ -99,18 +99,33 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
                        indices: torch.Tensor | None, net: nn.Module, meta: dict[str, Any], *,
                        teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0,
                        temperature_squared: bool = False,
-                       extra_results: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Plan, train, export ``model.safetensors``, evaluate top-1/top-5 and write results.json."""
+                       extra_results: dict[str, Any] | None = None,
+                       warnings: list[str] | None = None) -> dict[str, Any]:
+    """Plan, train, export ``model.safetensors``, evaluate top-1/top-5 and write results.json.
+
+    The model metadata (checkpoints and ``model.safetensors``) and results.json record the data and
+    the labelled set (:func:`~simclrv2.training.data_setup.data_record`), which later stages inherit;
+    ``warnings`` (e.g. a student given more labels than its teacher) are printed and kept in the results."""
     num_examples = len(indices) if indices is not None else len(data.train)
+    if num_examples == 0:
+        from simclrv2.errors import DataError
+        raise DataError(f"{stage}: no labelled training images (the labelled set is empty); give labelled "
+                        "images with --data ROOT (class folders) or --labels FILE.csv")
+    meta = {**meta, **data.record}
     plan = plan_steps(cfg, num_examples, cfg.batch_size)
     if rt.is_main:
-        print(describe_plan(stage, plan, num_examples, rt))
+        print(describe_plan(stage, plan, num_examples, rt) + "; " + data.describe())
+        for warning in warnings or []:
+            print(f"warning: {warning}", flush=True)
     trainer = ClassifierTrainer(stage, cfg, rt, run, data, indices, plan, net, meta, teacher=teacher,
                                 temperature=temperature, alpha=alpha, temperature_squared=temperature_squared)
     final = trainer.fit()
     results: dict[str, Any] = {"stage": stage, "arch": meta["arch"], "steps": trainer.step,
                                "num_labeled": int(len(data.labeled_indices)), "train_images": num_examples,
+                               "image_size": data.image_size, "labeled_set": data.labeled_record(),
                                "final": final, **(extra_results or {})}
+    if warnings:
+        results["warnings"] = list(warnings)
     if rt.is_main:
         export_model(trainer.net, run.path / "model.safetensors", meta)
         if data.test is not None:

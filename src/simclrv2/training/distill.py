@@ -24,7 +24,7 @@ from simclrv2.config import Config
 from simclrv2.errors import ConfigError
 from simclrv2.models import create_model
 from simclrv2.training.classifier import train_and_evaluate
-from simclrv2.training.data_setup import prepare_data
+from simclrv2.training.data_setup import RunData, inherited_label_spec, labeled_indices_for, prepare_data
 from simclrv2.training.model_io import load_checkpoint, load_network, load_state_into, model_meta
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import setup_runtime
@@ -47,9 +47,10 @@ def distill(cfg: Config) -> dict[str, Any]:
     """``simclrv2 distill``."""
     rt = setup_runtime(cfg)
     teacher, teacher_meta = load_network(cfg.teacher)
-    if not teacher_meta.get("num_classes"):
-        raise ConfigError(f"teacher: {cfg.teacher} has no classifier (a pretraining checkpoint?); fine-tune it "
-                          "first")
+    if not teacher_meta.get("num_classes") or teacher_meta.get("stage") == "pretrain":
+        raise ConfigError(f"teacher: {cfg.teacher} is a pretraining checkpoint (its classifier, if any, is the "
+                          "online probe, a monitor), not a fine-tuned classifier; fine-tune it first "
+                          "(simclrv2 finetune --checkpoint ...) and distil from that run")
     if cfg.image_size and cfg.image_size != teacher_meta["image_size"]:
         raise ConfigError(f"image_size: the teacher was trained at {teacher_meta['image_size']} px, got "
                           f"--image-size {cfg.image_size}")
@@ -60,9 +61,14 @@ def distill(cfg: Config) -> dict[str, Any]:
                        else BIG_TO_SMALL_TEMPERATURE)
         cfg = cfg.replace(temperature=temperature)
     run = RunDirectory.create(cfg, "distill", rt.is_main)
-    data = prepare_data(cfg, need_test=True)
+    teacher_set = teacher_meta.get("labeled_set")
+    data = prepare_data(cfg, need_test=True, label_spec=inherited_label_spec(cfg, teacher_set, "teacher"))
     if teacher_meta.get("classes") and list(teacher_meta["classes"]) != data.classes:
-        raise ConfigError("data: the teacher's classes differ from this data set's classes")
+        # Protects the one thing a student needs: the teacher's outputs mean this data set's classes.
+        raise ConfigError(f"data: the teacher {cfg.teacher} was fine-tuned on the classes "
+                          f"{_names(teacher_meta['classes'])}, this data has {_names(data.classes)}; distil on "
+                          "the teacher's labelled data (the default when --data is not given)")
+    warnings = check_labels_against_teacher(cfg, data, teacher_set)
     meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
                       num_classes=data.num_classes, classes=data.classes, stage="distill")
     student = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0,
@@ -71,8 +77,47 @@ def distill(cfg: Config) -> dict[str, Any]:
         init_student_encoder(student, cfg.init_student, cfg.arch)
     return train_and_evaluate("distill", cfg, rt, run, data, None, student, meta, teacher=teacher,
                               temperature=temperature, alpha=cfg.alpha,
-                              temperature_squared=cfg.temperature_squared,
+                              temperature_squared=cfg.temperature_squared, warnings=warnings,
                               extra_results={"teacher": str(cfg.teacher), "teacher_arch": teacher_meta["arch"],
                                              "temperature": temperature, "alpha": cfg.alpha,
                                              "init_student": cfg.init_student,
-                                             "label_fraction": cfg.label_fraction})
+                                             "label_fraction": data.label_spec.fraction})
+
+
+def _names(classes: list[str], limit: int = 5) -> str:
+    shown = ", ".join(map(str, classes[:limit]))
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
+
+
+def check_labels_against_teacher(cfg: Config, data: RunData, teacher_set: dict[str, Any] | None) -> list[str]:
+    """No label leakage (paper §2: the student sees only the teacher's labels): a student's labelled
+    set must lie inside the teacher's, unless ``--more-labels-than-teacher`` says otherwise, and then
+    the results carry a warning. Returns the warnings for results.json."""
+    warnings: list[str] = []
+    if not isinstance(teacher_set, dict) or teacher_set.get("kind") not in ("all", "fraction", "list", "none"):
+        if data.label_spec.explicit or cfg.alpha < 1.0:
+            warnings.append("the teacher records no labelled set (an older checkpoint): cannot check that the "
+                            f"student's {len(data.labeled_indices)} labelled images are among the teacher's")
+        return warnings
+    if teacher_set["kind"] == "all":
+        return warnings
+    if teacher_set["kind"] == "none":
+        teacher_idx = set()
+    else:
+        teacher_spec = type(data.label_spec).from_record(teacher_set, "teacher")
+        try:
+            teacher_idx = set(labeled_indices_for(data.train, teacher_spec).tolist())
+        except Exception as exc:  # noqa: BLE001 - e.g. the teacher's list file is gone
+            raise ConfigError(f"label_fraction: the teacher's labelled set cannot be rebuilt on this data "
+                              f"({exc}); give the same --data as the teacher") from exc
+    extra = [i for i in data.labeled_indices.tolist() if i not in teacher_idx]
+    if not extra:
+        return warnings
+    message = (f"the student's labelled set has {len(extra)} labelled images the teacher was not fine-tuned on "
+               f"(student {len(data.labeled_indices)}, teacher {teacher_set.get('num_labeled')} labelled images)")
+    if not cfg.more_labels_than_teacher:
+        raise ConfigError(f"label_fraction: {message}: that leaks labels into a semi-supervised result. Leave "
+                          "--label-fraction/--labeled-list out to use the teacher's labelled set, or pass "
+                          "--more-labels-than-teacher to allow it (the results then carry a warning)")
+    warnings.append(message + " (--more-labels-than-teacher)")
+    return warnings

@@ -93,20 +93,35 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, Any]:
     if not meta.get("num_classes"):
         raise ConfigError(f"checkpoint: {cfg.checkpoint} has no classifier (a pretraining checkpoint); "
                           "fine-tune it or run linear-eval first")
+    if meta.get("stage") == "pretrain" and not cfg.use_probe:
+        raise ConfigError(f"checkpoint: {cfg.checkpoint} is a pretraining checkpoint: its classifier is the online "
+                          "linear probe (a monitor trained on stop-gradient features), not a fine-tuned one. "
+                          "Fine-tune it (simclrv2 finetune) or run linear-eval, or pass --use-probe to score "
+                          "the probe anyway")
     cfg = cfg.replace(image_size=cfg.image_size or meta["image_size"])
     run = RunDirectory.create(cfg, "evaluate", rt.is_main)
-    data = prepare_data(cfg, need_test=True)
+    data = prepare_data(cfg, need_test=True, need_train=False)
     if data.test is None:
         raise ConfigError(f"data: {cfg.data} has no test/val split to evaluate on")
     if meta.get("classes") and list(meta["classes"]) != data.classes:
-        raise ConfigError("data: the checkpoint's classes differ from the evaluation data's classes")
+        raise ConfigError(f"data: the checkpoint was trained on the classes {_names(meta['classes'])}, the "
+                          f"evaluation data has {_names(data.classes)}")
     model = rt.prepare_model(model)
     metrics = evaluate_classifier(model, data.test, rt, image_size=data.image_size,
                                   batch_size=cfg.eval_batch_size, progress=cfg.progress)
-    results = {"stage": "evaluate", "checkpoint": str(cfg.checkpoint), "arch": meta["arch"], **metrics}
+    results = {"stage": "evaluate", "checkpoint": str(cfg.checkpoint), "arch": meta["arch"],
+               "data": data.record["data"], "image_size": data.image_size, "classifier":
+               "online probe (--use-probe)" if meta.get("stage") == "pretrain" else meta.get("stage") or "unknown",
+               "checkpoint_labeled_set": meta.get("labeled_set"), **metrics}
     run.write_results(results)
     run.close()
     if rt.is_main:
+        print(f"evaluate: {len(data.test)} images of {cfg.data}, image size {data.image_size} px", flush=True)
         print(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['num_images']} images)  "
               f"-> {run.path / 'results.json'}")
     return results
+
+
+def _names(classes: list[str], limit: int = 5) -> str:
+    shown = ", ".join(map(str, classes[:limit]))
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")

@@ -71,8 +71,8 @@ def finetune(cfg: Config) -> dict[str, Any]:
     cfg = cfg.replace(image_size=src_meta["image_size"], arch=src_meta["arch"])
     run = RunDirectory.create(cfg, "finetune", rt.is_main)
     data = prepare_data(cfg, need_test=True)
-    if src_meta.get("classes") and src_meta["num_classes"] and list(src_meta["classes"]) != data.classes:
-        raise ConfigError("data: the checkpoint's classes differ from this data set's classes")
+    # No classes check against the checkpoint: fine-tuning starts a new zero classifier, so a network
+    # pretrained without labels, or on other classes (its online probe's), fine-tunes on any labelled set.
     net, meta, _ = build_finetune_network(cfg.checkpoint, data.num_classes, cfg.ft_proj_selector, data.classes)
     return train_and_evaluate("finetune", cfg, rt, run, data, data.labeled_indices, net, meta,
                               extra_results={"checkpoint": str(cfg.checkpoint),

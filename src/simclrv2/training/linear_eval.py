@@ -21,7 +21,7 @@ from simclrv2.config import Config
 from simclrv2.errors import ConfigError
 from simclrv2.models import LinearClassifier
 from simclrv2.optim import WarmupCosineSchedule, scale_learning_rate, steps_for
-from simclrv2.training.data_setup import prepare_data
+from simclrv2.training.data_setup import inherited_label_spec, prepare_data
 from simclrv2.training.evaluate import run_inference, topk_accuracy
 from simclrv2.training.model_io import export_model, load_network, model_meta
 from simclrv2.training.rundir import RunDirectory
@@ -72,7 +72,15 @@ def linear_eval(cfg: Config) -> dict[str, Any]:
     if cfg.image_size != src_meta["image_size"]:
         raise ConfigError(f"image_size: the checkpoint was trained at {src_meta['image_size']} px")
     run = RunDirectory.create(cfg, "linear-eval", rt.is_main)
-    data = prepare_data(cfg, need_test=True)
+    data = prepare_data(cfg, need_test=True,
+                        label_spec=inherited_label_spec(cfg, _usable_record(src_meta, cfg), "checkpoint"))
+    if not len(data.labeled_indices):
+        from simclrv2.errors import DataError
+        raise DataError("linear-eval: no labelled training images; give labelled images with --data ROOT or "
+                        "--labels FILE.csv")
+    if rt.is_main:
+        print(f"linear-eval: {len(data.labeled_indices)} labelled images, {cfg.epochs:g} epochs; "
+              + data.describe(), flush=True)
     net = rt.prepare_model(net)
     size = data.image_size
     train_out, train_labels = run_inference(net, data.train, rt, image_size=size, indices=data.labeled_indices,
@@ -85,11 +93,13 @@ def linear_eval(cfg: Config) -> dict[str, Any]:
         log=run.log)
     results: dict[str, Any] = {"stage": "linear-eval", "arch": src_meta["arch"], "checkpoint": str(cfg.checkpoint),
                                "num_labeled": int(len(data.labeled_indices)),
-                               "label_fraction": cfg.label_fraction}
+                               "label_fraction": data.label_spec.fraction, "image_size": size,
+                               "labeled_set": data.labeled_record()}
     # Export encoder (head dropped: ft_proj_selector 0) + the trained linear layer as one network.
     meta = model_meta(arch=src_meta["arch"], image_size=size, num_proj_layers=src_meta["num_proj_layers"],
                       proj_out_dim=src_meta.get("proj_out_dim", 128), num_classes=data.num_classes,
                       ft_proj_selector=0, head_layers_kept=0, classes=data.classes, stage="linear-eval")
+    meta.update(data.record)
     from simclrv2.training.model_io import build_from_meta
     exported = build_from_meta(meta)
     own = exported.state_dict()
@@ -110,3 +120,17 @@ def linear_eval(cfg: Config) -> dict[str, Any]:
     run.write_results(results)
     run.close()
     return results
+
+
+def _usable_record(src_meta: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The checkpoint's labelled set, when it was chosen on the data this run uses (a network pretrained
+    on other data, or without labels, says nothing about this data's labels)."""
+    record = src_meta.get("labeled_set")
+    if not isinstance(record, dict) or record.get("kind") == "none":
+        return None
+    data = src_meta.get("data")
+    from pathlib import Path
+
+    from simclrv2.config import is_dataset_name
+    current = cfg.data if cfg.data is None or is_dataset_name(cfg.data) else str(Path(cfg.data).expanduser().resolve())
+    return record if data == current else None

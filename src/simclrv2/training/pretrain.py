@@ -144,6 +144,7 @@ class PretrainTrainer(Trainer):
         self.meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=cfg.num_proj_layers,
                                proj_out_dim=cfg.proj_out_dim, num_classes=self.num_classes,
                                ft_proj_selector=selector, classes=data.classes, stage="pretrain")
+        self.meta.update(data.record)  # data + labelled set (of the probe), inherited by later stages
         if rt.distributed and cfg.global_bn:
             net = convert_global_bn(net, rt.device)  # SyncBatchNorm on CUDA, own CPU version
         net = rt.prepare_model(net)
@@ -206,7 +207,7 @@ class PretrainTrainer(Trainer):
 
     def monitor_knn(self, step: int) -> float | None:
         """kNN top-1 of encoder features (labelled training images as the bank) on the test split."""
-        if not self.rt.is_main or self.data.test is None:
+        if not self.rt.is_main or self.data.test is None or not len(self.data.labeled_indices):
             return None
         labeled = self.data.labeled_indices
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -240,11 +241,12 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     data = prepare_data(cfg, need_test=True)
     plan = plan_steps(cfg, len(data.train), cfg.batch_size)
     if rt.is_main:
-        print(describe_plan("pretrain", plan, len(data.train), rt))
+        print(describe_plan("pretrain", plan, len(data.train), rt) + "; " + data.describe())
     trainer = PretrainTrainer(cfg, rt, run, data, plan)
     metrics = trainer.fit()
     results: dict[str, Any] = {"stage": "pretrain", "arch": cfg.arch, "steps": trainer.step,
-                               "final": metrics}
+                               "image_size": data.image_size, "train_images": len(data.train),
+                               "labeled_set": data.labeled_record(), "final": metrics}
     if data.test is not None:
         knn = trainer.monitor_knn(trainer.step)
         if knn is not None:
