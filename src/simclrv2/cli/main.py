@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--image-size", type=int, default=224,
                         help="Input size the models are built for (<= 32 uses the CIFAR stem). [default: 224]")
     models.add_argument("--all", action="store_true", help="Also list every depth/width combination.")
+    from simclrv2.cli.inference import add_parsers as add_inference_parsers
+    add_inference_parsers(sub)  # predict, embed, export
     return parser
 
 
@@ -181,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         from simclrv2.cli.models import print_models
         return print_models(as_json=args.json, image_size=args.image_size, show_all=args.all)
+    if args.command in ("predict", "embed", "export"):
+        from simclrv2.cli.inference import run as run_inference_command
+        try:
+            return run_inference_command(args)
+        except SimCLRv2Error as exc:
+            print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     try:
         check_extra_arguments(args.command, extras)
         cfg = config_from_args(args.command, args)

@@ -32,6 +32,9 @@ class ProjectionLayer(nn.Module):
     its BN has gamma but no beta (``bn.bias is None``), SPEC §2.1.
     """
 
+    # Python-only properties: TorchScript must not try to compile them (``torch.jit.script``).
+    __jit_unused_properties__ = ["out_dim"]
+
     def __init__(self, in_dim: int, out_dim: int, relu: bool) -> None:
         super().__init__()
         self.relu = relu
@@ -59,6 +62,9 @@ class ProjectionHead(nn.Module):
         num_layers: number of dense layers (3 for SimCLRv2, 2 for v1, 0 = identity).
         out_dim: width of the last layer (``proj_out_dim``, 128).
     """
+
+    # Python-only properties: TorchScript must not try to compile them (``torch.jit.script``).
+    __jit_unused_properties__ = ["num_layers", "out_dim"]
 
     def __init__(self, in_dim: int, num_layers: int = 3, out_dim: int = 128) -> None:
         super().__init__()

@@ -108,7 +108,9 @@ class Conv2dFixedPadding(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._explicit_pad is not None:
             x = F.pad(x, self._explicit_pad)
-        return super().forward(x)
+        # ``_conv_forward`` is what ``nn.Conv2d.forward`` runs; called directly (not through
+        # ``super().forward``) so that ``torch.jit.script`` compiles this module.
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 class MaxPool2dSame(nn.Module):

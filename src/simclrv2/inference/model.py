@@ -1,0 +1,188 @@
+"""A trained network ready for inference: ``simclrv2.load_model(path)``.
+
+:class:`InferenceModel` wraps the :class:`~simclrv2.models.SimCLRNet` saved by any stage with the
+description stored next to its weights (class names, image size, stage) and adds the one
+evaluation preprocessing of ``simclrv2 evaluate`` (SPEC §6 'Eval preprocessing'): each image is
+decoded to RGB and letterboxed into the canvas a folder dataset uses
+(:func:`simclrv2.data.canvas_for_image_size`, exactly what
+:class:`~simclrv2.data.FolderImageSource` does), then :class:`simclrv2.augment.EvalTransform`
+centre-crops 0.875 of the shorter side and resizes bicubically to ``image_size`` (> 32 px; CIFAR
+sizes are used as they are). The network input is float32 RGB in [0, 1], NCHW, **without**
+mean/std normalisation (the reference's convention, SPEC §1.7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image
+from torch import nn
+
+from simclrv2.augment import EvalTransform
+from simclrv2.data import canvas_for_image_size
+from simclrv2.data.decode import decode_image, letterbox
+from simclrv2.errors import CheckpointError, ConfigError
+from simclrv2.models.network import SimCLRNet, SimCLRNetOutput
+
+__all__ = ["INPUT_CONTRACT", "ImageLike", "InferenceModel", "load_model", "input_contract"]
+
+ImageLike = Union[str, Path, Image.Image]
+
+INPUT_CONTRACT = ("float32 RGB in [0, 1], NCHW, H = W = {size}; no mean/std normalisation; "
+                  "preprocessing (simclrv2 evaluate's): centre crop of 0.875 of the shorter side + bicubic "
+                  "resize to {size}x{size}; for sizes <= 32 no crop, the whole image resized bicubically")
+
+
+def input_contract(image_size: int) -> str:
+    """The input the network expects, in one sentence (written into exported files)."""
+    return INPUT_CONTRACT.format(size=int(image_size))
+
+
+class InferenceModel(nn.Module):
+    """A trained :class:`SimCLRNet` in eval mode with its classes, image size and preprocessing.
+
+    ``model(x)`` is the network's forward (the dict of ``features`` / ``hiddens`` /
+    ``projection`` / ``logits``); :meth:`predict` and :meth:`embed` take images (paths, PIL
+    images, or an already preprocessed float tensor) and return labels or vectors.
+
+    Attributes: ``net`` (the SimCLRNet), ``meta`` (the checkpoint's description), ``classes``
+    (names, index = label), ``image_size``, ``stage`` (``pretrain``, ``finetune``, ...), ``source``
+    (the weights file).
+    """
+
+    def __init__(self, net: SimCLRNet, meta: dict[str, Any], source: str | Path | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.meta = dict(meta)
+        self.classes: list[str] = list(meta.get("classes") or [])
+        self.image_size = int(meta["image_size"])
+        self.stage = str(meta.get("stage") or "")
+        self.source = None if source is None else Path(source)
+        self.transform = EvalTransform(self.image_size)
+        self.eval()
+
+    # ---- what the network can do ---------------------------------------------------------
+    @property
+    def has_classifier(self) -> bool:
+        """True for fine-tuned, supervised, distilled and linear-eval networks.
+
+        A pretraining run's online linear probe (``stage == "pretrain"``) is a monitor trained on
+        stop-gradient features, not a classifier of the method, so it does not count."""
+        return self.net.classifier is not None and self.stage != "pretrain" and bool(self.classes)
+
+    @property
+    def input_contract(self) -> str:
+        return input_contract(self.image_size)
+
+    def output_names(self) -> list[str]:
+        """Outputs :meth:`output_view` and :meth:`embed` accept (``logits`` only with a classifier)."""
+        names = self.net.output_names()
+        return names if self.has_classifier else [n for n in names if n != "logits"]
+
+    def output_view(self, name: str = "logits") -> SimCLRNetOutput:
+        """``x -> one tensor`` module for ``name`` (see :meth:`SimCLRNet.output_view`), in eval mode."""
+        if name == "logits":
+            self.require_classifier("this")
+        if name not in self.output_names():
+            raise ConfigError(f"layer: {name!r} is not an output of this network; choose one of "
+                              f"{', '.join(self.output_names())}")
+        return self.net.output_view(name).eval()
+
+    def require_classifier(self, command: str) -> None:
+        """Refuse a network without a classifier with the message every command shares."""
+        if self.has_classifier:
+            return
+        where = f" ({self.source})" if self.source is not None else ""
+        what = ("a pretraining checkpoint: its online linear probe is a training monitor, not a classifier"
+                if self.stage == "pretrain" else "it has no classifier")
+        raise CheckpointError(f"checkpoint{where}: {command} needs a classifier, but this is {what}. Fine-tune "
+                              "it first (simclrv2 finetune --checkpoint RUN ...), or use `simclrv2 embed` for "
+                              "its features")
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return self.net(x)
+
+    # ---- preprocessing ----------------------------------------------------------------------
+    @property
+    def canvas_size(self) -> int:
+        """Side of the letterbox canvas images are decoded into (as for an image folder)."""
+        return canvas_for_image_size(self.image_size)
+
+    def decode(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 ``[3, C, C]`` canvas and valid ``(h, w)`` of one path or PIL image."""
+        canvas = (self.canvas_size, self.canvas_size)
+        if isinstance(image, Image.Image):
+            return letterbox(image, canvas)
+        return decode_image(image, canvas)
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Network input for one image or a list: float32 ``[B, 3, S, S]`` in [0, 1] (SPEC §6)."""
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        if not items:
+            return torch.empty((0, 3, self.image_size, self.image_size))
+        decoded = [self.decode(item) for item in items]
+        canvases = torch.stack([c for c, _ in decoded])
+        sizes = torch.tensor([hw for _, hw in decoded], dtype=torch.long)
+        return self.transform(canvases, sizes=sizes)
+
+    def _as_input(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            x = images if images.dim() == 4 else images.unsqueeze(0)
+            s = self.image_size
+            if x.dtype != torch.float32 or tuple(x.shape[1:]) != (3, s, s):
+                raise ConfigError(f"images: a tensor input must be {self.input_contract}; got {x.dtype} "
+                                  f"{tuple(x.shape)}")
+            return x
+        return self.preprocess(images)
+
+    def _device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ---- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+        """Classifier logits ``[B, num_classes]`` (fp32, CPU)."""
+        self.require_classifier("predict")
+        x = self._as_input(images).to(self._device())
+        return self.output_view("logits")(x).float().cpu()
+
+    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
+        """Top-k classes of each image: ``[{"label", "prob", "labels", "probs"}, ...]``.
+
+        ``label``/``prob`` are the most likely class and its softmax probability; ``labels``
+        / ``probs`` the ``top_k`` best (capped at the number of classes), most likely first."""
+        return top_k_rows(self.logits(images), self.classes, top_k)
+
+    @torch.no_grad()
+    def embed(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, layer: str = "features") -> torch.Tensor:
+        """Vectors ``[B, D]`` of ``layer`` (``features`` = encoder output, ``proj_j``, ``projection``)."""
+        x = self._as_input(images).to(self._device())
+        return self.output_view(layer)(x).float().cpu()
+
+
+def top_k_rows(logits: torch.Tensor, classes: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    """Softmax probabilities of ``logits`` as per-image dicts of the ``top_k`` best classes."""
+    if top_k < 1:
+        raise ConfigError(f"top_k: must be >= 1; got {top_k}")
+    probs = torch.softmax(logits.float(), dim=1)
+    k = min(top_k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    rows = []
+    for vals, idx in zip(values.tolist(), indices.tolist()):
+        labels = [classes[i] for i in idx]
+        rows.append({"label": labels[0], "prob": vals[0], "labels": labels, "probs": vals})
+    return rows
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> InferenceModel:
+    """The network saved at ``path`` (a run directory or a ``.safetensors`` file), in eval mode.
+
+    Raises :class:`~simclrv2.errors.CheckpointError` for a missing or foreign file."""
+    from simclrv2.training.model_io import find_weights, load_network
+
+    file = find_weights(path)
+    net, meta = load_network(file)
+    return InferenceModel(net, meta, source=file).to(torch.device(device))
