@@ -30,6 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_COMMON = ["--data", "digits", "--image-size", "16", "--max-per-class", "4", "--no-progress", "--device",
                "cpu", "--precision", "fp32"]
 COMMON = [*EVAL_COMMON, "--log-every", "1"]
+
+
+def for_evaluate(args: list) -> list:
+    """``args`` without --max-per-class, which limits training images and is refused by evaluate."""
+    i = args.index("--max-per-class")
+    return [*args[:i], *args[i + 2:]]
 PRETRAIN = ["pretrain", *COMMON, "--batch-size", "8", "--epochs", "1", "--schedule-steps", "4",
             "--checkpoint-every", "2", "--seed", "0"]
 """40 images, 5 steps per epoch; the schedule is fixed at 4 steps whatever --max-steps says."""
@@ -239,7 +245,7 @@ def test_distillation_into_another_architecture(ft, tmp_path):
 def test_evaluate_reproduces_the_stage_accuracy(stage, request, tmp_path):
     run = request.getfixturevalue(stage)
     out = tmp_path / "eval"
-    cli("evaluate", *EVAL_COMMON, "--checkpoint", run, "--out", out)
+    cli("evaluate", *for_evaluate(EVAL_COMMON), "--checkpoint", run, "--out", out)
     res = results(out)
     assert_accuracy(res)
     assert res["num_images"] == 297
@@ -347,7 +353,7 @@ def test_cifar10_subsample_pretrain_finetune_distill_evaluate(cifar_subsample, t
     cli("pretrain", *common, "--batch-size", "16", "--max-steps", "2", "--epochs", "1", "--out", pre)
     cli("finetune", *common, "--checkpoint", pre, "--label-fraction", "0.2", "--max-steps", "2", "--out", ft)
     cli("distill", *common, "--teacher", ft, "--batch-size", "16", "--max-steps", "2", "--out", dist)
-    cli("evaluate", *common, "--checkpoint", dist, "--out", ev)
+    cli("evaluate", *for_evaluate(common), "--checkpoint", dist, "--out", ev)
     assert results(pre)["steps"] == 2
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert load_weights(ft / "model.safetensors")[1]["classes"] == classes

@@ -104,7 +104,10 @@ class Config:
                           ALL, choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _opt(True, "Use the channels_last memory layout (faster convolutions).", NOT_DEMO)
     compile: bool = _opt(False, "torch.compile the model (CUDA; slower start, faster steps).", TRAINERS)
-    resume: bool = _opt(False, "Continue from the last checkpoint in --out.", TRAIN_STAGES + ("pipeline",))
+    resume: bool = _opt(False, "Continue from the last checkpoint in --out. Pipeline and demo: on by default; "
+                        "they keep every finished stage whose settings are unchanged and re-run the others, and "
+                        "--no-resume refuses a run directory that already holds results.",
+                        TRAIN_STAGES + ("pipeline", "demo"))
     dist_timeout: float = _opt(600.0, "Seconds a process waits for the others (start-up and each collective "
                                "operation) before it stops with an error, when several processes train "
                                "together (torchrun); a crashed or hung peer then ends the run instead of "
@@ -220,6 +223,18 @@ class Config:
     stage_overrides: dict[str, dict[str, Any]] | None = _opt(
         None, "Pipeline: per-stage settings, from the YAML sections pretrain/finetune/supervised/linear_eval/"
         "distill (no command-line flag).", ())
+    seeds: int = _opt(1, "Pipeline/demo: run every stage after pretraining with this many seeds (--seed, "
+                      "--seed+1, ...); results.json and the report give each seed's figures, their mean and "
+                      "standard deviation. Pretraining runs once unless --pretrain-each-seed.", ("pipeline", "demo"))
+    pretrain_each_seed: bool = _opt(False, "Pipeline: pretrain once per seed too (default: one pretraining run, "
+                                    "shared by every seed's later stages).", ("pipeline",))
+    force: list[str] | None = _opt(None, "Pipeline/demo: run these finished stages again: all, or stage names "
+                                   "(pretrain, finetune, distill, supervised, linear_eval); the stages that start "
+                                   "from them run again too.", ("pipeline", "demo"), nargs="+", type=str)
+    eval_every: int | None = _opt(None, "Evaluate top-1 on up to 1,000 test images every N epochs while "
+                                  "training, logged as eval/top1 (0 = only the final evaluation). Default: off "
+                                  "for a single command; about 8 evaluations per stage in a pipeline.",
+                                  ("finetune", "supervised", "distill", "pipeline"))
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -263,7 +278,7 @@ MAX_CONFIG_DEPTH = 4
 PIPELINE_SECTIONS = {"pretrain": "pretrain", "finetune": "finetune", "supervised": "supervised",
                      "linear_eval": "linear-eval", "distill": "distill"}
 """YAML sections of a pipeline file and the stage whose options each accepts."""
-RUN_CONTROL_FIELDS = ("out", "resume", "resume_changed", "overwrite")
+RUN_CONTROL_FIELDS = ("out", "resume", "resume_changed", "overwrite", "force")
 """Fields that say where and how to run, not what to compute: kept out of a saved config.yaml so the
 file can be passed back with ``--config`` to repeat the run in a new directory."""
 
@@ -514,10 +529,13 @@ def _allowed(name: str, kind: str) -> str:
 
 def stage_defaults(stage: str) -> dict[str, Any]:
     """Defaults that differ by stage (SPEC §0 and §5 recipes)."""
-    if stage == "pipeline":
+    if stage == "pipeline":  # resume: keep finished stages whose settings are unchanged (pipeline.py)
         return dict(pretrain_epochs=100, batch_size=512, optimizer="lars", learning_rate=0.1,
-                    learning_rate_scaling="sqrt", weight_decay=1e-4, temperature=0.1)
-    if stage in ("pretrain", "demo"):
+                    learning_rate_scaling="sqrt", weight_decay=1e-4, temperature=0.1, resume=True)
+    if stage == "demo":  # the demo's own settings are pipeline.DEMO_SETTINGS; 3 seeds unless --seeds
+        return dict(epochs=100, batch_size=512, optimizer="lars", learning_rate=0.1,
+                    learning_rate_scaling="sqrt", weight_decay=1e-4, temperature=0.1, resume=True, seeds=3)
+    if stage == "pretrain":
         return dict(epochs=100, batch_size=512, optimizer="lars", learning_rate=0.1,
                     learning_rate_scaling="sqrt", weight_decay=1e-4, temperature=0.1)
     if stage == "finetune":
@@ -569,10 +587,8 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
     record = checkpoint_record(getattr(cfg, source_field)) if (source_field and read_checkpoints) else {}
     if cfg.data is None and stage in DATA_STAGES:
         if source_field:
-            if isinstance(record.get("data"), str):
+            if isinstance(record.get("data"), str):  # else validate asks for --data: never a silent digits
                 changes["data"] = record["data"]
-            elif read_checkpoints:
-                changes["data"] = DEFAULT_DATA
         elif not cfg.unlabeled and not cfg.labels:
             changes["data"] = DEFAULT_DATA
     if cfg.image_size is None and stage in DATA_STAGES:
@@ -603,6 +619,8 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
             except ConfigError:
                 width, sk = 1, False
             changes["learning_rate"] = 0.002 if (width > 1 or sk) else 0.005
+    if cfg.ft_proj_selector is None and stage == "pretrain":
+        changes["ft_proj_selector"] = 0  # the online probe reads the head input (SPEC §2.1)
     if cfg.ft_proj_selector is None and stage == "finetune":
         changes["ft_proj_selector"] = 1 if (cfg.labeled_list is not None or fraction < 1.0) else 0
     if cfg.warmup_epochs is None:
@@ -666,6 +684,10 @@ def validate(stage: str, cfg: Config, *, check_paths: bool = True) -> None:
     option and the values it allows."""
     for name in FIELD_NAMES:  # values set from Python (not YAML/flags) are typed here too
         coerce_value(name, getattr(cfg, name))
+    if cfg.eval_every is not None and cfg.eval_every < 0:
+        raise ConfigError(f"eval_every: must be a whole number >= 0 (epochs; 0 = off), got {cfg.eval_every!r}")
+    if not 1 <= cfg.seeds <= 100:
+        raise ConfigError(f"seeds: must be a whole number from 1 to 100, got {cfg.seeds!r}")
     for name in ("num_workers", "knn_every", "seed"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be a whole number >= 0, got {getattr(cfg, name)!r}")
@@ -740,7 +762,8 @@ def validate(stage: str, cfg: Config, *, check_paths: bool = True) -> None:
             and not is_dataset_name(cfg.data) and (Path(cfg.data) / "train").is_dir():
         raise ConfigError("labels: give the labelled images either as class folders (--data ROOT with "
                           "ROOT/train/<class>/) or as --labels FILE.csv, not both")
-    if stage in DATA_STAGES and cfg.data is None and not (cfg.unlabeled or cfg.labels):
+    if stage in DATA_STAGES and cfg.data is None and not (cfg.unlabeled or cfg.labels) \
+            and (check_paths or stage not in CHECKPOINT_SOURCE):
         raise ConfigError(f"data: {stage} needs --data (a folder or one of {', '.join(DATASET_NAMES)})"
                           + (f"; {CHECKPOINT_SOURCE[stage]} records none" if stage in CHECKPOINT_SOURCE else ""))
     if stage in DATA_STAGES and cfg.data is not None and not is_dataset_name(cfg.data):
