@@ -91,11 +91,12 @@ ARCH = "r18_1x_sk0"
 IMAGE_SIZE = 32
 QUEUE_SIZE = 4096
 CIFAR_TRAIN_SIZE = 50_000  # only sets the (sqrt-scaled) learning rate, as a CIFAR-10 run would
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPLY = "@@"  # prefix of worker replies on stdout (anything else a library prints is ignored)
 
 TARGETS = {
     "pretrain_speedup_vs_lightly": (">=", 3.0),
+    "pretrain_speedup_vs_lightly_best": (">=", 1.5),
     "roofline_fraction": (">=", 0.70),
     "augment_speedup_224": (">=", 2.0),
     "peak_memory_ratio_vs_lightly": ("<=", 1.0),
@@ -165,7 +166,7 @@ class Ours:
 class Lightly:
     """lightly's SimCLR on torchvision resnet18 with the CIFAR stem (see the module docstring)."""
 
-    def __init__(self, batch: int, views: torch.Tensor, seed: int = 0) -> None:
+    def __init__(self, batch: int, views: torch.Tensor, seed: int = 0, best: str | None = None) -> None:
         import torchvision
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
@@ -178,13 +179,19 @@ class Lightly:
         self.model = nn.Sequential(resnet, SimCLRProjectionHead(512, 512, 128, num_layers=3))
         self.criterion = NTXentLoss(temperature=0.1)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
-        self.x0 = views[:batch].contiguous()
-        self.x1 = views[batch:].contiguous()
+        # "best": what a lightly user tunes on a CPU -- channels_last (one ``.to(memory_format=...)``)
+        # and, where bf16 is native, bf16 autocast (Lightning's ``precision="bf16-mixed"``).
+        fmt = torch.channels_last if best else torch.contiguous_format
+        self.model = self.model.to(memory_format=fmt)
+        self.autocast_dtype = torch.bfloat16 if best == "bf16" else None
+        self.x0 = views[:batch].contiguous(memory_format=fmt)
+        self.x1 = views[batch:].contiguous(memory_format=fmt)
 
     def step(self) -> float:
-        z0 = self.model(self.x0)
-        z1 = self.model(self.x1)
-        loss = self.criterion(z0, z1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
+            z0 = self.model(self.x0)
+            z1 = self.model(self.x1)
+        loss = self.criterion(z0.float(), z1.float())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -210,7 +217,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def worker_main(variant: str, batch: int) -> None:
+def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
     """Serve ``step`` / ``flops`` / ``quit`` requests on stdin for one variant; reply on stdout."""
     import gc
 
@@ -218,11 +225,12 @@ def worker_main(variant: str, batch: int) -> None:
         sys.stdout.write(REPLY + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    if variant == "lightly":
+    peer = variant.startswith("lightly")
+    if peer:
         import lightly  # noqa: F401  (imported before the memory baseline)
         import torchvision  # noqa: F401
     # The same views in every worker: our augmentation of the same seeded images.
-    views = OursAugment(batch)() if variant != "lightly" else None
+    views = OursAugment(batch)() if not peer else None
     if views is None:  # lightly's worker makes them without touching our runtime settings
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=gen)
@@ -231,8 +239,8 @@ def worker_main(variant: str, batch: int) -> None:
     gc.collect()
     base_kib = _proc_status_kib().get("VmRSS")
     reset = _reset_peak_rss()
-    if variant == "lightly":
-        runner: Ours | Lightly = Lightly(batch, views)
+    if peer:
+        runner: Ours | Lightly = Lightly(batch, views, best=peer_best if variant == "lightly_best" else None)
     else:
         runner = Ours(batch, views, memory_size=QUEUE_SIZE if variant == "ours_memory" else 0)
     reply({"ready": True, "threads": torch.get_num_threads()})
@@ -264,12 +272,12 @@ def worker_main(variant: str, batch: int) -> None:
 class Worker:
     """Parent-side handle of a worker process."""
 
-    def __init__(self, variant: str, batch: int, threads: int | None) -> None:
+    def __init__(self, variant: str, batch: int, threads: int | None, peer_best: str = "bf16") -> None:
         env = dict(os.environ)
         if variant == "ours_glibc":  # ablation: our step with glibc's default malloc policy
             env["SIMCLRV2_MALLOC_TUNING"] = "0"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant.replace("_glibc", ""),
-               "--batch-size", str(batch)]
+               "--batch-size", str(batch), "--peer-best", peer_best]
         if threads:
             cmd += ["--threads", str(threads)]
         self.variant = variant
@@ -331,16 +339,20 @@ def matmul_probe(n: int, dtype: torch.dtype, b_col_major: bool) -> Callable[[], 
     return lambda: torch.mm(a, b, out=c)
 
 
-CONV_PROBE = (256, 512, 4, 3)  # batch, channels, side, kernel: a group-4 3x3 conv of ResNet-18 at 32 px
-# (the fastest bf16 convolution shape we found on a 2-core AVX-512-BF16 CPU: ~1.4x the bf16 matmul peak)
+#: Convolution probes shaped like the network's own 3x3 convolutions (ResNet-18, CIFAR stem, 32 px):
+#: (name, batch, channels, side). Batches are kept small enough for a probe to take ~0.05-0.3 s.
+CONV_PROBES = (("layer1_64x32", 64, 64, 32), ("layer2_128x16", 64, 128, 16),
+               ("layer3_256x8", 256, 256, 8), ("layer4_512x4", 256, 512, 4))
 
 
-def conv_probe() -> tuple[Callable[[], None], int]:
-    n, c, s, k = CONV_PROBE
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, s, s, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(c, c, k, k, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    return (lambda: F.conv2d(x, w, padding=k // 2)), 2 * n * c * c * k * k * s * s
+def conv_probe(batch: int, channels: int, side: int, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
+    """Forward 3x3 convolution, stride 1, channels_last (the layout our step uses); returns (fn, FLOPs)."""
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(batch, channels, side, side, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 3, 3, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    return (lambda: F.conv2d(x, w, padding=1)), 2 * batch * channels * channels * 9 * side * side
 
 
 def interleaved(fns: dict[str, Callable[[], float]], warmup: int, rounds: int,
@@ -378,22 +390,104 @@ def stats(values: list[float]) -> dict[str, float]:
 
 # ---- environment ------------------------------------------------------------------------------
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text)))
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    flags = set(_cpuinfo().get("flags", "").split())
+    return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2", "avx512_vnni"})
+
+
+def onednn_isa() -> dict[str, Any]:
+    """What oneDNN reports and which kernels it picks for a bf16 and an fp32 convolution and matmul,
+    read from ``ONEDNN_VERBOSE=1`` in a fresh process (so this process's settings are untouched).
+    ``amx_in_use`` is True only when a kernel name contains ``amx``."""
+    code = ("import torch, torch.nn.functional as F\n"
+            "for dt in (torch.float32, torch.bfloat16):\n"
+            "    x = torch.randn(4, 64, 8, 8).to(dt).contiguous(memory_format=torch.channels_last)\n"
+            "    w = torch.randn(64, 64, 3, 3).to(dt).contiguous(memory_format=torch.channels_last)\n"
+            "    F.conv2d(x, w, padding=1)\n"
+            "    a = torch.randn(64, 64).to(dt); torch.mm(a, a)\n")
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc)}
+    isa = re.search(r"cpu,isa:([^\n]+)", out)
+    version = re.search(r"info,(oneDNN v[\d.]+)", out)
+    kernels: dict[str, set[str]] = {}
+    for m in re.finditer(r"primitive,exec,cpu,(convolution|matmul|inner_product),([^,]+),[^,]*,src:(\w+)", out):
+        kernels.setdefault(f"{m.group(1)}_{m.group(3)}", set()).add(m.group(2))
+    impl = {k: sorted(v) for k, v in kernels.items()}
+    return {"isa": isa.group(1).strip() if isa else None, "version": version.group(1) if version else None,
+            "kernels": impl, "amx_in_use": any("amx" in k for v in impl.values() for k in v),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkldnn_available": torch.backends.mkldnn.is_available()}
+
+
+def theoretical_peaks(info: dict[str, str], flags: list[str], threads: int, amx: bool) -> dict[str, Any]:
+    """cores x clock x FLOP/cycle/core for fp32 FMA and the best bf16 path, where ISA and clock are known.
+
+    FLOP/cycle/core (two FMA pipes): AVX2 32 fp32; AVX-512 64 fp32 (Intel), 32 on AMD Zen 4 (512-bit
+    ops split in two); AVX-512-BF16 ``vdpbf16ps`` twice the fp32 rate; AMX-BF16 1024 (Intel's figure
+    for Sapphire Rapids). The clock is /proc/cpuinfo's ``cpu MHz`` -- under a hypervisor that is the
+    nominal clock; turbo may run higher, so the fractions can exceed what the silicon can sustain."""
+    mhz = float(info.get("cpu MHz", "nan") or "nan")
+    vendor = info.get("vendor_id", "")
+    family = int(info.get("cpu family", "0") or 0)
+    if "avx512f" in flags:
+        fp32 = 32 if (vendor == "AuthenticAMD" and family == 25) else 64
+    elif "avx2" in flags:
+        fp32 = 32
+    else:
+        fp32 = None
+    bf16 = 1024 if amx else (2 * fp32 if fp32 and "avx512_bf16" in flags else None)
+    ghz = mhz / 1000 if mhz == mhz else None
+    peak = (lambda per: threads * ghz * per if per and ghz else None)
+    return {"clock_ghz": ghz, "clock_source": "/proc/cpuinfo cpu MHz", "cores_used": threads,
+            "fp32_flop_per_cycle": fp32, "bf16_flop_per_cycle": bf16,
+            "fp32_peak_gflops": peak(fp32), "bf16_peak_gflops": peak(bf16),
+            "bf16_note": None if bf16 else "no native bf16 (bf16 is emulated via fp32 and slower)"}
+
+
+def host_info(threads: int) -> dict[str, Any]:
+    info = _cpuinfo()
+    flags = cpu_flags()
+    dnn = onednn_isa()
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("vendor_id", ""), "cpu")
+    if dnn.get("amx_in_use"):
+        isa_kind = "amx"
+    elif "avx512_bf16" in flags:
+        isa_kind = "avx512bf16" + ("-amx-unused" if "amx_bf16" in flags else "")
+    elif "avx512f" in flags:
+        isa_kind = "avx512"
+    else:
+        isa_kind = "avx2" if "avx2" in flags else "generic"
+    return {"host_kind": f"{vendor}-{isa_kind}", "cpu": cpu_name(), "vendor": info.get("vendor_id"),
+            "cpu_family": info.get("cpu family"), "cpu_model_number": info.get("model"),
+            "cpu_count": os.cpu_count(), "threads": threads, "cpu_flags": flags, "onednn": dnn,
+            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+            "theoretical": theoretical_peaks(info, flags, threads, bool(dnn.get("amx_in_use")))}
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -402,12 +496,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None)
     batch = args.batch_size
+    load_before = load_average()
+    threads_now = args.threads or torch.get_num_threads()
+    host = host_info(threads_now)
+    native_bf16 = host["native_bf16"]
+    # The peer at its best: bf16 autocast + channels_last where bf16 is native; elsewhere bf16 is
+    # emulated (~10x slower than fp32 on an AVX2 CPU), so its best is fp32 + channels_last.
+    peer_best = args.peer_best if args.peer_best != "auto" else ("bf16" if native_bf16 else "fp32")
     peer_version = lightly_version()
-    variants = ["ours", "ours_memory"] + (["lightly"] if peer_version else [])
+    variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
         variants.insert(1, "ours_glibc")
     say(f"starting workers: {', '.join(variants)} (batch {batch}) ...")
-    workers = {v: Worker(v, batch, args.threads) for v in variants}
+    workers = {v: Worker(v, batch, args.threads, peer_best) for v in variants}
     augment = OursAugment(batch)  # this process gets the same runtime settings as our worker
     threads = torch.get_num_threads()
     for w in workers.values():
@@ -417,12 +518,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fns: dict[str, Callable[[], float]] = {name: w.step for name, w in workers.items()}
     fns["augment"] = timed(augment)
     mm_sizes = [2048] if args.quick else [2048, 4096]
-    for n in mm_sizes:
-        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    # Kernel probes in every precision that can be fast here (bf16 only where it is native: emulated
+    # bf16 matmuls run at < 1 GFLOP/s on an AVX2 CPU and would take minutes per probe).
+    probe_dtypes = ((torch.bfloat16, "bf16"), (torch.float32, "fp32")) if native_bf16 else \
+        ((torch.float32, "fp32"),)
+    probe_flops: dict[str, int] = {}
+    for dt, tag in probe_dtypes:
+        for n in mm_sizes:
             for col in (False, True):
-                fns[f"mm_{tag}_{n}_{'nt' if col else 'nn'}"] = timed(matmul_probe(n, dt, col))
-    conv_fn, conv_flops = conv_probe()
-    fns["conv_bf16"] = timed(conv_fn)
+                name = f"mm_{tag}_{n}_{'nt' if col else 'nn'}"
+                fns[name] = timed(matmul_probe(n, dt, col))
+                probe_flops[name] = 2 * n**3
+        for label, pb, pc, ps in CONV_PROBES:
+            fn, flops = conv_probe(pb, pc, ps, dt)
+            fns[f"conv_{tag}_{label}"] = timed(fn)
+            probe_flops[f"conv_{tag}_{label}"] = flops
+    emulated_bf16 = None
+    if not native_bf16:  # one small probe, once, to show why bf16 is not used here
+        fn, flops = conv_probe(16, 256, 8, torch.bfloat16)
+        fn()
+        emulated_bf16 = {"shape": "layer3_256x8 at batch 16, fwd, channels_last",
+                         "gflops": flops / min(timed(fn)() for _ in range(2)) / 1e9}
 
     # FLOPs are counted on the first (warm-up) step of each network; separately when --warmup 0.
     counting = {name: w.step_counting_flops for name, w in workers.items() if name in ("ours", "lightly")}
@@ -455,28 +571,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     med = {name: statistics.median(values) for name, values in times.items()}
     flops_ours = workers["ours"].flops
     flops_peer = workers["lightly"].flops if peer else None
-    peaks: dict[str, dict[str, Any]] = {}
-    for tag in ("bf16", "fp32"):
-        probes = {}
-        for n in mm_sizes:
-            for layout in ("nn", "nt"):
-                rates = [2 * n**3 / t / 1e9 for t in times[f"mm_{tag}_{n}_{layout}"]]
-                probes[f"{n}_{layout}"] = {"best_gflops": max(rates), "median_gflops": statistics.median(rates)}
-        top = max(probes, key=lambda k: probes[k]["best_gflops"])
-        peaks[tag] = {"peak_gflops": probes[top]["best_gflops"], "at": top,
-                      "median_peak_gflops": max(p["median_gflops"] for p in probes.values()), "probes": probes}
-    conv_rates = [conv_flops / t / 1e9 for t in times["conv_bf16"]]
+    rates = {name: [probe_flops[name] / t / 1e9 for t in times[name]] for name in probe_flops}
+    probes = {name: {"best_gflops": max(r), "median_gflops": statistics.median(r)} for name, r in rates.items()}
+    best_kernel: dict[str, Any] = {}
+    for _, tag in probe_dtypes:
+        mine = {k: v for k, v in probes.items() if k.split("_")[1] == tag}
+        top = max(mine, key=lambda k: mine[k]["best_gflops"])
+        best_kernel[tag] = {"gflops": mine[top]["best_gflops"], "at": top,
+                            "median_gflops": max(v["median_gflops"] for v in mine.values())}
+    top_tag = max(best_kernel, key=lambda t: best_kernel[t]["gflops"])
+    best_rate = best_kernel[top_tag]["gflops"]
     achieved = flops_ours / best["ours"] / 1e9
     achieved_median = flops_ours / med["ours"] / 1e9
-    roofline = achieved / peaks["bf16"]["peak_gflops"]
+    roofline = achieved / best_rate
+    theo = host["theoretical"]
+    theo_peak = theo["bf16_peak_gflops"] if augment.rt.precision == "bf16" else theo["fp32_peak_gflops"]
+    peer_names = [n for n in ("lightly", "lightly_best") if n in workers]
+    peer_fastest = min(peer_names, key=lambda n: best[n]) if peer_names else None
+    load_after = load_average()
+    busy = bool(load_before and load_before[0] > 0.5 * (os.cpu_count() or 1))
 
     results: dict[str, Any] = {
         "pretrain_speedup_vs_lightly": best["lightly"] / best["ours"] if peer else None,
+        "pretrain_speedup_vs_lightly_best": best[peer_fastest] / best["ours"] if peer else None,
         "roofline_fraction": roofline,
+        "theoretical_peak_fraction": achieved / theo_peak if theo_peak else None,
         "augment_speedup_224": aug224["speedup"],
         "augment_speedup_32": aug32["speedup"],
         "peak_memory_ratio_vs_lightly": (memory["ours"]["growth_mb"] / memory["lightly"]["growth_mb"]
                                          if peer else None),
+        "peak_memory_ratio_vs_lightly_best": (memory["ours"]["growth_mb"] / memory["lightly_best"]["growth_mb"]
+                                              if peer else None),
         "memory_queue_overhead": best["ours_memory"] / best["ours"] - 1.0,
     }
     results["targets"] = {}
@@ -488,9 +613,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "note": "the headline keys use each variant's fastest round; these use medians / paired ratios",
         "pretrain_speedup_ratio_of_medians": med["lightly"] / med["ours"] if peer else None,
         "pretrain_speedup_paired_median": paired_ratio(times["lightly"], times["ours"]) if peer else None,
+        "pretrain_speedup_best_paired_median": (paired_ratio(times[peer_fastest], times["ours"])
+                                                if peer else None),
         "memory_queue_overhead_ratio_of_medians": med["ours_memory"] / med["ours"] - 1.0,
         "memory_queue_overhead_paired_median": paired_ratio(times["ours_memory"], times["ours"]) - 1.0,
-        "roofline_fraction_medians": achieved_median / peaks["bf16"]["median_peak_gflops"],
+        "roofline_fraction_medians": achieved_median / best_kernel[top_tag]["median_gflops"],
     }
     cfg = our_config()
     results["config"] = {
@@ -499,11 +626,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": augment.rt.precision, "channels_last": augment.rt.channels_last,
         "optimizer": cfg.optimizer, "temperature": cfg.temperature, "queue_size": QUEUE_SIZE,
         "ema_decay": cfg.ema_decay, "statistic": "min over timed rounds",
+        "peer_best": f"lightly {peer_best} {'autocast ' if peer_best == 'bf16' else ''}+ channels_last",
     }
     results["environment"] = {
-        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(), "lightly": peer_version,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": host["cpu"],
+        "cpu_count": os.cpu_count(), "cpu_flags": host["cpu_flags"], "lightly": peer_version,
+        "host_kind": host["host_kind"], "host": host,
+        "load_average": load_after, "load_average_before": load_before, "load_average_after": load_after,
+        "machine_busy": busy,
+        "note": ("BUSY machine: other processes shared the CPUs during this run (load average before "
+                 f"{load_before}, after {load_after} on {os.cpu_count()} CPUs); variants were interleaved round "
+                 "by round so ratios stay comparable, absolute times are inflated") if busy or (
+                     load_after and load_after[0] > 0.5 * (os.cpu_count() or 1)) else "quiet machine",
     }
     step_aug = best["augment"]
     results["pretrain"] = {
@@ -513,6 +647,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lightly": None if not peer else {
             **stats(times["lightly"]), "images_per_s": batch / best["lightly"], "gflop_per_step": flops_peer / 1e9,
             "achieved_gflops": flops_peer / best["lightly"] / 1e9},
+        "lightly_best": None if not peer else {
+            **stats(times["lightly_best"]), "images_per_s": batch / best["lightly_best"],
+            "config": results_peer_config(peer_best), "gflop_per_step": flops_peer / 1e9,
+            "achieved_gflops": flops_peer / best["lightly_best"] / 1e9},
         "augment_two_views": {**stats(times["augment"]), "images_per_s": batch / step_aug,
                               "fraction_of_step": step_aug / best["ours"]},
         "ours_incl_augment": {"seconds_per_step": best["ours"] + step_aug,
@@ -525,25 +663,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **stats(times["ours_glibc"]), "images_per_s": batch / best["ours_glibc"],
             "ours_speedup_from_malloc_setting": best["ours_glibc"] / best["ours"],
             "ours_speedup_from_malloc_setting_paired_median": paired_ratio(times["ours_glibc"], times["ours"])}
-    results["matmul_peaks"] = peaks
-    results["conv_probe_bf16"] = {"shape": "x [%d,%d,%d,%d] channels_last, 3x3 weight, fwd" % (
-        CONV_PROBE[0], CONV_PROBE[1], CONV_PROBE[2], CONV_PROBE[2]),
-        "best_gflops": max(conv_rates), "median_gflops": statistics.median(conv_rates)}
+    results["kernel_probes"] = {"probes": probes, "best_per_precision": best_kernel,
+                                "bf16_emulated_probe": emulated_bf16,
+                                "conv_shapes": [dict(zip(("name", "batch", "channels", "side"), c))
+                                                for c in CONV_PROBES]}
     results["roofline"] = {
         "flop_counter": "torch.utils.flop_counter.FlopCounterMode on one full step (forward + backward "
                         "convolutions and matrix products; BN/elementwise/optimiser not counted)",
-        "achieved_gflops": achieved, "bf16_peak_gflops": peaks["bf16"]["peak_gflops"],
-        "fraction_of_bf16_peak": roofline,
-        "fraction_of_bf16_conv_probe": achieved / max(conv_rates),
-        "fraction_of_fp32_peak": achieved / peaks["fp32"]["peak_gflops"],
-        "lightly_fraction_of_fp32_peak": (flops_peer / best["lightly"] / 1e9 / peaks["fp32"]["peak_gflops"]
-                                          if peer else None),
+        "achieved_gflops": achieved, "step_precision": augment.rt.precision,
+        "best_kernel_gflops": best_rate, "best_kernel": best_kernel[top_tag]["at"],
+        "definition": "roofline_fraction = achieved / max over the square-matmul and layer-shaped convolution "
+                      "probes of every precision timed in this run",
+        "fraction_of_best_kernel": roofline,
+        **{f"fraction_of_best_{t}_kernel": achieved / v["gflops"] for t, v in best_kernel.items()},
+        "theoretical": theo, "fraction_of_theoretical_peak": results["theoretical_peak_fraction"],
+        "lightly_fraction_of_best_kernel": flops_peer / best["lightly"] / 1e9 / best_rate if peer else None,
     }
     results["augment"] = {"32px": aug32, "224px": aug224}
     results["memory"] = memory
     results["phase_seconds"] = phases
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
+
+
+def results_peer_config(peer_best: str) -> str:
+    return ("bf16 autocast + channels_last (Lightning precision='bf16-mixed' + .to(memory_format))"
+            if peer_best == "bf16" else "fp32 + channels_last (bf16 is not native on this CPU)")
 
 
 def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
@@ -553,8 +698,11 @@ def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
 def render_table(r: dict[str, Any]) -> str:
     c, env, p = r["config"], r["environment"], r["pretrain"]
     lines = [
-        f"SimCLRv2 throughput -- {env['cpu']} ({env['cpu_count']} CPUs, {', '.join(env['cpu_flags'])}), "
+        f"SimCLRv2 throughput -- host kind {env['host_kind']}: {env['cpu']} ({env['cpu_count']} CPUs, "
+        f"{', '.join(env['cpu_flags'])}; oneDNN ISA {env['host']['onednn'].get('isa')}, "
+        f"AMX {'in use' if env['host']['onednn'].get('amx_in_use') else 'not used'}), "
         f"torch {env['torch']}, {c['threads']} threads, lightly {env['lightly'] or 'not installed'}",
+        f"load average before {env['load_average_before']}, after {env['load_average_after']}: {env['note']}",
         f"{c['arch']} CIFAR stem, {c['image_size']} px, batch {c['batch_size']} ({c['views_per_step']} views); "
         f"{c['steps']} timed rounds after {c['warmup']} warm-up, lockstep-interleaved, one process per variant"
         + (" [--quick]" if c["quick"] else ""),
@@ -569,8 +717,8 @@ def render_table(r: dict[str, Any]) -> str:
         return (f"{label:<56s}{s:>17s}{d['images_per_s']:>9.1f}{_fmt(gflop, '.0f', ''):>8s}"
                 f"{_fmt(gflops, '.0f', ''):>9s}")
 
-    o, lt = p["ours"], p["lightly"]
-    lines.append(row(f"ours ({c['precision']} autocast, channels_last, {c['optimizer']}, 1 fwd of 2N)", o,
+    o, lt, lb = p["ours"], p["lightly"], p["lightly_best"]
+    lines.append(row(f"ours ({c['precision']}, channels_last, {c['optimizer']}, 1 fwd of 2N)", o,
                      o["gflop_per_step"], o["achieved_gflops"]))
     if "ours_glibc_malloc" in p:
         lines.append(row("ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)", p["ours_glibc_malloc"],
@@ -578,6 +726,8 @@ def render_table(r: dict[str, Any]) -> str:
     lines.append(row(f"ours + memory (queue {c['queue_size']}, EMA {c['ema_decay']})", p["ours_memory"]))
     lines.append(row("lightly SimCLR (fp32, NCHW, SGD, 2 fwd of N)", lt,
                      lt["gflop_per_step"] if lt else None, lt["achieved_gflops"] if lt else None))
+    lines.append(row(f"lightly at its best ({c['peer_best'].replace('lightly ', '')})", lb,
+                     lb["gflop_per_step"] if lb else None, lb["achieved_gflops"] if lb else None))
     a = p["augment_two_views"]
     s = f"{a['min']:.3f} [{a['median']:.3f}]"
     lines.append(f"{'our augmentation (two_views + layout, same threads)':<56s}{s:>17s}"
@@ -589,21 +739,28 @@ def render_table(r: dict[str, Any]) -> str:
     lines.append("  " + format_case(r["augment"]["32px"]))
     lines.append("  " + format_case(r["augment"]["224px"]))
     lines.append("")
-    lines.append("matrix-product peaks, torch.mm square, B row-major (nn) / column-major (nt): "
+    kp = r["kernel_probes"]
+    lines.append("kernel probes (square torch.mm; 3x3 convs shaped like the network's layers, fwd, channels_last): "
                  "GFLOP/s best [median]")
-    for tag in ("bf16", "fp32"):
-        mp = r["matmul_peaks"][tag]
-        per = "  ".join(f"{k}: {v['best_gflops']:.0f} [{v['median_gflops']:.0f}]" for k, v in mp["probes"].items())
-        lines.append(f"  {tag}: {per}  -> peak {mp['peak_gflops']:.0f}")
-    cp = r["conv_probe_bf16"]
-    lines.append(f"  bf16 3x3 conv probe ({cp['shape']}): {cp['best_gflops']:.0f} [{cp['median_gflops']:.0f}]")
+    for name, v in kp["probes"].items():
+        lines.append(f"  {name:<28s}{v['best_gflops']:8.0f} [{v['median_gflops']:.0f}]")
+    if kp["bf16_emulated_probe"]:
+        e = kp["bf16_emulated_probe"]
+        lines.append(f"  bf16 (not native here) conv {e['shape']}: {e['gflops']:.1f} GFLOP/s -> bf16 not used")
     ro = r["roofline"]
-    lines.append(f"our step: {ro['achieved_gflops']:.0f} GFLOP/s (FlopCounterMode: fwd+bwd convs and matmuls) = "
-                 f"{100 * ro['fraction_of_bf16_peak']:.1f}% of the bf16 matmul peak, "
-                 f"{100 * ro['fraction_of_bf16_conv_probe']:.1f}% of the conv probe")
-    if ro["lightly_fraction_of_fp32_peak"] is not None:
-        lines.append(f"lightly: {lt['achieved_gflops']:.0f} GFLOP/s = "
-                     f"{100 * ro['lightly_fraction_of_fp32_peak']:.1f}% of the fp32 matmul peak")
+    th = ro["theoretical"]
+    lines.append(f"our step ({ro['step_precision']}): {ro['achieved_gflops']:.0f} GFLOP/s (FlopCounterMode: fwd+bwd "
+                 f"convs and matmuls) = {100 * ro['fraction_of_best_kernel']:.1f}% of the best kernel measured "
+                 f"({ro['best_kernel']}: {ro['best_kernel_gflops']:.0f})")
+    peak = th["bf16_peak_gflops"] if ro["step_precision"] == "bf16" else th["fp32_peak_gflops"]
+    if peak:
+        lines.append(f"  theoretical {ro['step_precision']} peak {th['cores_used']} cores x {th['clock_ghz']:.2f} GHz x "
+                     f"{th['bf16_flop_per_cycle'] if ro['step_precision'] == 'bf16' else th['fp32_flop_per_cycle']}"
+                     f" FLOP/cycle = {peak:.0f} GFLOP/s -> {100 * ro['fraction_of_theoretical_peak']:.1f}%")
+    if ro["lightly_fraction_of_best_kernel"] is not None:
+        lines.append(f"lightly fp32: {lt['achieved_gflops']:.0f} GFLOP/s = "
+                     f"{100 * ro['lightly_fraction_of_best_kernel']:.1f}% of the best kernel; at its best "
+                     f"{lb['achieved_gflops']:.0f} GFLOP/s")
     lines.append("")
     lines.append("peak memory (own process per variant; growth of the RSS high-water mark over its baseline)")
     for name, m in r["memory"].items():
@@ -612,8 +769,9 @@ def render_table(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append("targets")
     labels = {
-        "pretrain_speedup_vs_lightly": "pretraining step vs lightly (x)",
-        "roofline_fraction": "fraction of the bf16 matmul peak",
+        "pretrain_speedup_vs_lightly": "pretraining step vs lightly fp32 (x)",
+        "pretrain_speedup_vs_lightly_best": "pretraining step vs lightly at its best (x)",
+        "roofline_fraction": "fraction of the best kernel measured",
         "augment_speedup_224": "augmentation vs torchvision at 224 px (x)",
         "peak_memory_ratio_vs_lightly": "peak memory growth / lightly's",
         "memory_queue_overhead": "momentum memory + EMA overhead (fraction of step)",
@@ -634,7 +792,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 6; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1)")
     parser.add_argument("--quick", action="store_true", help="few rounds, small augmentation batches (< 2 minutes)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/"
+                        "throughput-<host kind>.json, -quick.json with --quick: one file per host kind)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--aug-seconds", type=float, default=None, help="timing budget per augmentation variant")
     parser.add_argument("--aug-repeats", type=int, default=None, help="interleaved windows per variant (median)")
@@ -643,7 +802,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablate-malloc", action="store_true", help="also time our step with glibc's default "
                         "malloc policy (SIMCLRV2_MALLOC_TUNING=0, see simclrv2.training.runtime)")
     parser.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
-    parser.add_argument("--worker", choices=("ours", "ours_memory", "lightly"), help=argparse.SUPPRESS)
+    parser.add_argument("--peer-best", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the tuned peer: bf16 autocast + channels_last, or fp32 + channels_last "
+                        "(auto: bf16 where the CPU has native bf16, else fp32)")
+    parser.add_argument("--worker", choices=("ours", "ours_memory", "lightly", "lightly_best"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = dict(batch_size=256, steps=2 if quick else 6, warmup=1,
@@ -662,10 +825,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        worker_main(args.worker, args.batch_size)
+        worker_main(args.worker, args.batch_size, args.peer_best)
         return
     results = run(args)
     print(render_table(results))
+    if args.out is None:
+        kind = results["environment"]["host_kind"]
+        args.out = RESULTS_DIR / f"throughput-{kind}{'-quick' if args.quick else ''}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
