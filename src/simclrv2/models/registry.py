@@ -1,7 +1,11 @@
 """Architecture names ``r{depth}_{width}x_sk{0|1}`` and model factories (SPEC §8.1, §11).
 
 The names are those of the released checkpoints (SPEC §8.1); ``sk1`` means
-``sk_ratio = 0.0625`` (SPEC §1.4).  ``create_encoder`` picks the CIFAR stem when
+``sk_ratio = 0.0625`` (SPEC §1.4).  Besides the integer widths of the paper, the
+fractional widths of :data:`FRACTIONAL_WIDTHS` (``r50_0.125x_sk1``, ``r18_0.25x_sk0``,
+``r50_0.5x_sk0``) give small, fast nets -- students for big-to-small distillation, CPU
+models, and the reference test fixtures; their channel counts follow the reference's
+expressions for a float multiplier (:func:`simclrv2.models.resnet.scaled_channels`).  ``create_encoder`` picks the CIFAR stem when
 ``image_size <= 32``, as the reference does (SPEC §1.2, §7).
 """
 
@@ -23,9 +27,11 @@ from .resnet import BLOCK_COUNTS, ResNet
 __all__ = [
     "SK_RATIO",
     "WIDTHS",
+    "FRACTIONAL_WIDTHS",
     "ArchSpec",
     "PAPER_ARCHITECTURES",
     "parse_arch",
+    "arch_name",
     "list_architectures",
     "create_encoder",
     "create_model",
@@ -36,8 +42,10 @@ __all__ = [
 
 #: ``sk_ratio`` of every released SK model (SPEC §1.4).
 SK_RATIO = 0.0625
-#: Supported width multipliers.
+#: Supported integer width multipliers (the paper's).
 WIDTHS = (1, 2, 3, 4)
+#: Supported fractional width multipliers (small nets; not in the paper).
+FRACTIONAL_WIDTHS = (0.5, 0.25, 0.125, 0.0625)
 
 #: The 13 architectures of Table 1 / the released checkpoints, in table order (SPEC §0, §8.1).
 PAPER_ARCHITECTURES: tuple[str, ...] = (
@@ -66,9 +74,13 @@ _EXTRA_ARCHITECTURES: tuple[str, ...] = (
     "r200_1x_sk0",
     "r200_1x_sk1",
     "r50_4x_sk0",
+    "r18_0.25x_sk0",
+    "r50_0.125x_sk0",
+    "r50_0.125x_sk1",
+    "r50_0.5x_sk0",
 )
 
-_NAME_RE = re.compile(r"^r(\d+)_(\d+)x_sk([01])$")
+_NAME_RE = re.compile(r"^r(\d+)_(\d+(?:\.\d+)?)x_sk([01])$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ class ArchSpec:
     """A parsed architecture name."""
 
     depth: int
-    width: int
+    width: int | float  # an int for the paper's widths, a float for FRACTIONAL_WIDTHS
     sk_ratio: float
     name: str
 
@@ -88,7 +100,8 @@ class ArchSpec:
 def _arch_error(name: object, why: str) -> ValueError:
     return ValueError(
         f"unknown architecture {name!r} ({why}); expected 'r{{depth}}_{{width}}x_sk{{0|1}}' with depth in "
-        f"{sorted(BLOCK_COUNTS)} and width in {list(WIDTHS)}, e.g. 'r50_1x_sk0', 'r152_3x_sk1', 'r18_1x_sk0'"
+        f"{sorted(BLOCK_COUNTS)} and width in {list(WIDTHS) + list(FRACTIONAL_WIDTHS)}, e.g. 'r50_1x_sk0', "
+        "'r152_3x_sk1', 'r18_1x_sk0', 'r50_0.125x_sk1'"
     )
 
 
@@ -101,12 +114,19 @@ def parse_arch(name: str | ArchSpec) -> ArchSpec:
     m = _NAME_RE.match(name.strip().lower())
     if m is None:
         raise _arch_error(name, "bad format")
-    depth, width, sk = int(m.group(1)), int(m.group(2)), m.group(3) == "1"
+    depth, sk = int(m.group(1)), m.group(3) == "1"
+    value = float(m.group(2))
+    width: int | float = int(value) if value.is_integer() else value
     if depth not in BLOCK_COUNTS:
         raise _arch_error(name, f"depth {depth} not supported")
-    if width not in WIDTHS:
-        raise _arch_error(name, f"width {width}x not supported")
-    return ArchSpec(depth=depth, width=width, sk_ratio=SK_RATIO if sk else 0.0, name=f"r{depth}_{width}x_sk{int(sk)}")
+    if width not in WIDTHS and width not in FRACTIONAL_WIDTHS:
+        raise _arch_error(name, f"width {m.group(2)}x not supported")
+    return ArchSpec(depth=depth, width=width, sk_ratio=SK_RATIO if sk else 0.0, name=arch_name(depth, width, sk))
+
+
+def arch_name(depth: int, width: float, sk: bool) -> str:
+    """The canonical name ``r{depth}_{width}x_sk{0|1}`` (``0.125x``, ``2x``; never ``2.0x``)."""
+    return f"r{depth}_{float(width):g}x_sk{int(bool(sk))}"
 
 
 def list_architectures() -> list[str]:

@@ -37,6 +37,7 @@ __all__ = [
     "BottleneckBlock",
     "Stem",
     "ResNet",
+    "scaled_channels",
 ]
 
 #: Blocks per group for each supported depth (SPEC §1.1).
@@ -50,6 +51,14 @@ BLOCK_COUNTS: dict[int, tuple[int, int, int, int]] = {
 }
 #: ``min_dim`` of the SK mixing bottleneck (SPEC §1.4).
 SK_MIN_DIM = 32
+
+
+def scaled_channels(base: int, width_multiplier: float) -> int:
+    """``int(base * w)``: the channel count the reference gets for a (possibly fractional)
+    width multiplier ``w`` (TF1 ``resnet.py`` passes ``base * w`` to a conv, which truncates).
+    Block groups use ``base = 64 * 2**(g-1)``; the SK/deep stem's first convs use
+    ``int(64 * w // 2)`` instead (see :class:`Stem`)."""
+    return int(base * width_multiplier)
 
 
 class SelectiveKernelConv(nn.Module):
@@ -235,19 +244,22 @@ class Stem(nn.Module):
     * deep (SK models): 3x3/s2 (32w) -> BN-ReLU -> 3x3 (32w) -> BN-ReLU -> 3x3 (64w) -> BN-ReLU
     * CIFAR: 3x3/s1 conv (64w) -> BN -> ReLU
 
+    Here "64w" is ``int(64 * w)`` and "32w" is ``int(64 * w // 2)``, the reference's
+    expressions, which also hold for a fractional ``w`` (``r50_0.125x_sk1``: 4, 4, 8).
+
     :meth:`forward` returns ``(initial_conv, out)``: the reference's ``initial_conv`` tap
     is the last stem conv's output *before* its BN-ReLU.
     """
 
-    def __init__(self, width_multiplier: int, deep: bool, cifar: bool) -> None:
+    def __init__(self, width_multiplier: float, deep: bool, cifar: bool) -> None:
         super().__init__()
-        w = width_multiplier
+        full, half = scaled_channels(64, width_multiplier), int(64 * width_multiplier // 2)
         if cifar:
-            specs = [(3, 64 * w, 3, 1)]
+            specs = [(3, full, 3, 1)]
         elif deep:
-            specs = [(3, 64 * w // 2, 3, 2), (64 * w // 2, 64 * w // 2, 3, 1), (64 * w // 2, 64 * w, 3, 1)]
+            specs = [(3, half, 3, 2), (half, half, 3, 1), (half, full, 3, 1)]
         else:
-            specs = [(3, 64 * w, 7, 2)]
+            specs = [(3, full, 7, 2)]
         self.num_convs = len(specs)
         for i, (cin, cout, k, s) in enumerate(specs, start=1):
             self.add_module(f"conv{i}", Conv2dFixedPadding(cin, cout, k, s))
@@ -267,7 +279,10 @@ class ResNet(nn.Module):
 
     Args:
         depth: 18, 34 (basic blocks) or 50, 101, 152, 200 (bottleneck blocks).
-        width_multiplier: integer channel multiplier ``w`` (group widths 64w..512w).
+        width_multiplier: channel multiplier ``w`` (group widths ``int(64 * 2**(g-1) * w)``):
+            an integer for the released models, or a fraction (0.5, 0.25, ...) for small
+            nets; channel counts are computed as the reference computes them for a float
+            ``w`` (:func:`scaled_channels`).
         sk_ratio: > 0 enables SK convs + ResNet-D stem/shortcuts (0.0625 for released models).
         cifar_stem: 3x3/s1 stem without max-pool (the reference uses it when image_size <= 32).
         se_ratio: > 0 adds squeeze-excite to every block (SPEC §1.5).
@@ -282,7 +297,7 @@ class ResNet(nn.Module):
     def __init__(
         self,
         depth: int,
-        width_multiplier: int = 1,
+        width_multiplier: float = 1,
         sk_ratio: float = 0.0,
         cifar_stem: bool = False,
         se_ratio: float = 0.0,
@@ -292,11 +307,12 @@ class ResNet(nn.Module):
         super().__init__()
         if depth not in BLOCK_COUNTS:
             raise ValueError(f"unsupported ResNet depth {depth}; expected one of {sorted(BLOCK_COUNTS)}")
-        if int(width_multiplier) != width_multiplier or width_multiplier < 1:
-            raise ValueError(f"width_multiplier must be a positive integer, got {width_multiplier}")
+        if not width_multiplier > 0 or int(64 * width_multiplier // 2) < 1:
+            raise ValueError(f"width_multiplier must be a number >= 1/32 (so that every layer keeps a channel), "
+                             f"got {width_multiplier}")
         if sk_ratio < 0 or se_ratio < 0:
             raise ValueError(f"sk_ratio and se_ratio must be >= 0, got {sk_ratio}, {se_ratio}")
-        w = int(width_multiplier)
+        w = int(width_multiplier) if float(width_multiplier).is_integer() else float(width_multiplier)
         self.depth = depth
         self.width_multiplier = w
         self.sk_ratio = float(sk_ratio)
@@ -312,7 +328,7 @@ class ResNet(nn.Module):
 
         in_ch = self.stem.out_channels
         for g, (n_blocks, stride) in enumerate(zip(self.block_counts, (1, 2, 2, 2)), start=1):
-            filters = 64 * w * 2 ** (g - 1)
+            filters = scaled_channels(64 * 2 ** (g - 1), w)
             blocks = []
             for b in range(n_blocks):
                 common = dict(
