@@ -186,8 +186,9 @@ class Config:
     linear_probe: bool = _opt(True, "Train an online linear probe on stop-gradient features while "
                               "pretraining (TF2 lineareval_while_pretraining) when labels exist.",
                               ("pretrain", "pipeline"))
-    knn_every: int = _opt(0, "Evaluate kNN accuracy on the test split every N steps (0 = at each epoch end "
-                          "when a test split exists); at most 5000 labelled training and 2000 test images.",
+    knn_every: int = _opt(0, "Evaluate kNN accuracy on the test split every N steps (0 = at epoch ends, as "
+                          "often as 5% of the training time allows, and once at the end, when a test split "
+                          "exists); at most 5000 labelled training and 2000 test images.",
                           ("pretrain",))
     knn_k: int = _opt(20, "Neighbours for the kNN monitor.", ("pretrain",))
 
