@@ -187,7 +187,7 @@ class Config:
                               "pretraining (TF2 lineareval_while_pretraining) when labels exist.",
                               ("pretrain", "pipeline"))
     knn_every: int = _opt(0, "Evaluate kNN accuracy on the test split every N steps (0 = at epoch ends, as "
-                          "often as 5% of the training time allows, and once at the end, when a test split "
+                          "often as 5 percent of the training time allows, and once at the end, when a test split "
                           "exists); at most 5000 labelled training and 2000 test images.",
                           ("pretrain",))
     knn_k: int = _opt(20, "Neighbours for the kNN monitor.", ("pretrain",))
