@@ -74,11 +74,11 @@ def embed_files(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
     out = Path(out)
     if out.suffix not in EMBED_SUFFIXES:
         raise ConfigError(f"out: {out} must end in {' or '.join(EMBED_SUFFIXES)} (the output format)")
+    images = collect_images(paths, strict=strict)  # cheap header checks first: bad input fails fast
     model = load_model(checkpoint)
     if layer not in model.output_names() or layer == "logits":
         names = [n for n in model.output_names() if n != "logits"]
         raise ConfigError(f"layer: {layer!r} is not a layer of this network; choose one of {', '.join(names)}")
-    images = collect_images(paths, strict=strict)
     rt = make_runtime(device, precision)
     model = model.to(rt.device)
     chunks: list[torch.Tensor] = []

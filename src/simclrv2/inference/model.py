@@ -80,6 +80,10 @@ class InferenceModel(nn.Module):
     def output_names(self) -> list[str]:
         """Outputs :meth:`output_view` and :meth:`embed` accept (``logits`` only with a classifier)."""
         names = self.net.output_names()
+        kept = self.meta.get("head_layers_kept")
+        if kept is not None and kept < int(self.meta.get("num_proj_layers", 0)):
+            # a fine-tuned head cut after layer ``kept`` (SPEC §2.1): its last layer is not the projection
+            names = [n for n in names if n != "projection"]
         return names if self.has_classifier else [n for n in names if n != "logits"]
 
     def output_view(self, name: str = "logits") -> SimCLRNetOutput:

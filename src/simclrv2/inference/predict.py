@@ -57,10 +57,10 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], *, out: s
         raise ConfigError(f"format: must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if top_k < 1:
         raise ConfigError(f"top-k: must be >= 1; got {top_k}")
+    images = collect_images(paths, strict=strict)  # cheap header checks first: bad input fails fast
     model = load_model(checkpoint)
     model.require_classifier("predict")
     k = min(top_k, len(model.classes))
-    images = collect_images(paths, strict=strict)
     rt = make_runtime(device, precision)
     model = model.to(rt.device)
 

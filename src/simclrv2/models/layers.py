@@ -66,7 +66,9 @@ def same_padding_amounts(size: int, kernel_size: int, stride: int) -> tuple[int,
     ``pad_total = max((ceil(size/stride) - 1) * stride + kernel_size - size, 0)``; the
     extra pixel of an odd total goes to the end (SPEC §1.7).
     """
-    out = -(-size // stride)  # ceil division
+    # ceil division without negative operands: when tracing (ONNX export) ``size`` is a traced int
+    # and the exporter's integer division truncates, so ``-(-size // stride)`` would floor instead.
+    out = (size + stride - 1) // stride
     total = max((out - 1) * stride + kernel_size - size, 0)
     return total // 2, total - total // 2
 
