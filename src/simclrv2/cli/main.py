@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--all", action="store_true", help="Also list every depth/width combination.")
     from simclrv2.cli.inference import add_parsers as add_inference_parsers
     add_inference_parsers(sub)  # predict, embed, export
+    from simclrv2.cli.import_tf import add_parser as add_import_tf_parser
+    add_import_tf_parser(sub)  # import-tf
     return parser
 
 
@@ -183,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         from simclrv2.cli.models import print_models
         return print_models(as_json=args.json, image_size=args.image_size, show_all=args.all)
+    if args.command == "import-tf":
+        from simclrv2.cli.import_tf import run as run_import_tf
+        try:
+            return run_import_tf(args)
+        except SimCLRv2Error as exc:
+            print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     if args.command in ("predict", "embed", "export"):
         from simclrv2.cli.inference import run as run_inference_command
         try:

@@ -44,6 +44,7 @@ __all__ = [
     "resolve_prefix",
     "masked_crc32c",
     "TABLE_MAGIC",
+    "bundle_num_shards",
 ]
 
 #: Magic number at the end of a LevelDB/TF table file (little-endian fixed64).
@@ -383,3 +384,12 @@ class TFCheckpoint:
                 self.read(name)
                 total += e.size
         return total
+
+
+def bundle_num_shards(index_path: str | Path) -> int:
+    """Number of data shards a bundle index declares (reads the index only, not the shards);
+    the downloader uses it to know which ``.data-*`` files to fetch."""
+    pairs = _read_table(Path(index_path))
+    if not pairs or pairs[0][0] != b"":
+        raise CheckpointError(f"checkpoint: {index_path} has no bundle header; it is not a TF1 tensor bundle")
+    return int(_parse_message(pairs[0][1], f"{index_path} (header)").get(1, [1])[-1])
