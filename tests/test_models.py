@@ -564,3 +564,26 @@ def test_sync_batchnorm_conversion() -> None:
     assert set(synced.state_dict()) == keys
     synced.eval()
     assert synced(torch.rand(2, 3, 32, 32))["logits"].shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------- fractional widths
+
+
+def test_fractional_widths_use_the_reference_channel_arithmetic() -> None:
+    spec = parse_arch("r50_0.125x_sk1")
+    assert (spec.depth, spec.width, spec.sk, spec.name) == (50, 0.125, True, "r50_0.125x_sk1")
+    assert parse_arch("r18_0.25x_sk0").name == "r18_0.25x_sk0" and parse_arch("r50_1.0x_sk0").name == "r50_1x_sk0"
+    for bad in ("r50_0.3x_sk0", "r50_0.01x_sk1"):
+        with pytest.raises(ValueError, match="0.125"):
+            parse_arch(bad)
+    enc = _meta_encoder("r50_0.125x_sk1")
+    # SK stem: int(64 * w // 2) = 4, 4, then int(64 * w) = 8; groups int(64 * 2**g * w) * 4
+    assert [enc.stem.conv1.out_channels, enc.stem.conv2.out_channels, enc.stem.conv3.out_channels] == [4, 4, 8]
+    assert [g[0].conv3.out_channels for g in enc.block_groups] == [32, 64, 128, 256]
+    assert enc.block_group1[0].sk.mid_dim == 32  # max(int(8 * 0.0625), 32)
+    assert enc.feature_dim == 256
+    small = _meta_encoder("r18_0.25x_sk0", image_size=32)
+    assert small.stem.conv1.out_channels == 16 and small.feature_dim == 128
+    assert _meta_encoder("r50_0.5x_sk0").feature_dim == 1024
+    with pytest.raises(ValueError, match="width_multiplier"):
+        ResNet(50, width_multiplier=0.01)
