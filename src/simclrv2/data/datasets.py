@@ -42,9 +42,14 @@ def canvas_for_image_size(image_size: int) -> int:
     """Canvas side for a folder source trained at ``image_size``.
 
     Small images (<= 32, CIFAR-like) are used at their own size. Larger ones get
-    ``round(image_size / 0.875)`` (256 for 224) so the eval centre crop of 0.875 and
-    the random crops still have full resolution while the in-memory/decoded size stays
-    bounded.
+    ``round(image_size / 0.875)`` (256 for 224), which bounds the in-memory/decoded size.
+
+    Deviation from the reference (SPEC §6), not yet removed: images are letterboxed, so the
+    *longer* side is scaled to the canvas before any crop.  A square image is then cropped
+    exactly as the reference does (0.875 of 256 = 224 px, no resampling); a 4:3 image's
+    shorter side becomes 192 px and its eval centre crop (168 px) is *upsampled* to 224,
+    whereas the reference crops 0.875 of the full-resolution shorter side and downsamples.
+    Images larger than the canvas are also resampled twice (decode, then crop resize).
     """
     if image_size < 1:
         raise DataError(f"image_size must be positive; got {image_size}")
