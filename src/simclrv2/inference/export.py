@@ -53,6 +53,15 @@ def _sample_inputs(image_size: int, batch: int, seed: int) -> torch.Tensor:
     return torch.rand((batch, 3, image_size, image_size), generator=generator)
 
 
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"format: onnx needs the onnx and onnxruntime packages ({exc}); install them with "
+                          "pip install 'simclrv2[export]'") from exc
+
+
 def _write_onnx(view: torch.nn.Module, example: torch.Tensor, out: Path, output: str, meta: dict[str, str]) -> None:
     import onnx
 
@@ -108,6 +117,8 @@ def export_file(checkpoint: str | Path | InferenceModel, out: str | Path, *, fmt
         raise ConfigError(f"format: must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     if what not in EXPORT_WHAT:
         raise ConfigError(f"what: must be one of {', '.join(EXPORT_WHAT)}; got {what!r}")
+    if fmt == "onnx":
+        _require_onnx()
     model = checkpoint if isinstance(checkpoint, InferenceModel) else load_model(checkpoint)
     model = model.to("cpu").float()
     output = "logits" if what == "classifier" else "features"

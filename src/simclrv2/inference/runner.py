@@ -62,11 +62,12 @@ def iter_outputs(model: InferenceModel, images: ImageList, rt: Runtime, *, outpu
                 batch[len(rows)] = pixels
                 sizes[len(rows), 0], sizes[len(rows), 1] = h, w
                 rows.append(i)
-            bar.update(stop - start)
             if not rows:
+                bar.update(stop - start)
                 continue
             k = len(rows)
             x = rt.layout(transform(rt.to_input(batch[:k]), sizes=sizes[:k].to(rt.device)))
             with rt.autocast():
                 out = view(x)
+            bar.update(stop - start)
             yield [images.files[i] for i in rows], rows, out.float().cpu()
