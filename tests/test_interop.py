@@ -212,6 +212,10 @@ def test_import_tf_command_writes_a_loadable_run_directory(tmp_path: Path) -> No
     classes.write_text("a\nb\n")
     assert main(["import-tf", str(src), "--ft-proj-selector", "2", "--classes", str(classes), "--out",
                  str(tmp_path / "x")]) == 2
+    assert main(["import-tf", "--out", str(tmp_path / "z")]) == 2  # neither PATH nor --download
+    assert main(["import-tf", str(src), "--cache-dir", str(tmp_path), "--out", str(tmp_path / "z")]) == 2
+    assert main(["import-tf", "--download", "r50_1x_sk1", "--out", str(tmp_path / "z")]) == 2  # no --kind
+    assert not (tmp_path / "z").exists()
     proc = subprocess.run([sys.executable, "-m", "simclrv2.cli.main", "import-tf", str(src), "--arch",
                            "r50_1x_sk0", "--kind", "finetuned_1pct", "--out", str(tmp_path / "y")],
                           capture_output=True, text=True, timeout=120)
@@ -271,6 +275,9 @@ def bucket(tmp_path: Path):
 @needs_ref
 def test_download_resumes_a_partial_file_and_verifies(bucket, tmp_path: Path) -> None:
     url, root, requests = bucket
+    # released pointer files may name the writer's absolute path
+    (root / "finetuned_1pct" / "r18_0.25x_sk0" / "checkpoint").write_text(
+        'model_checkpoint_path: "gs://bucket/run/model.ckpt-751"\n')
     cache = tmp_path / "cache"
     folder = cache / "finetuned_1pct" / "r18_0.25x_sk0"
     folder.mkdir(parents=True)

@@ -42,7 +42,7 @@ KIND_STEPS = {"pretrained": 250228, "finetuned_100pct": 37535, "finetuned_10pct"
 DOWNLOAD_KINDS = tuple(KIND_STEPS)
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
-_CKPT_LINE = re.compile(r'^model_checkpoint_path:\s*"([^"/]+)"\s*$')
+_CKPT_LINE = re.compile(r'^model_checkpoint_path:\s*"([^"]+)"\s*$')
 
 
 def default_cache_dir() -> Path:
@@ -140,8 +140,8 @@ def download_checkpoint(arch: str, kind: str, *, cache_dir: str | Path | None = 
     prefix = None
     for line in pointer.read_text(errors="replace").splitlines():
         m = _CKPT_LINE.match(line.strip())
-        if m:
-            prefix = m.group(1)
+        if m:  # the pointer may hold the writer's absolute path (e.g. gs://...): keep the file name
+            prefix = m.group(1).replace("\\", "/").rsplit("/", 1)[-1] or None
             break
     if prefix is None:
         pointer.unlink(missing_ok=True)
