@@ -61,7 +61,9 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.net = net
         self.meta = dict(meta)
-        self.classes: list[str] = list(meta.get("classes") or [])
+        # names stored by the stage; a classifier without names (e.g. an imported checkpoint) gets "0".."N-1"
+        num_classes = 0 if net.classifier is None else int(net.classifier.out_features)
+        self.classes: list[str] = list(meta.get("classes") or [str(i) for i in range(num_classes)])
         self.image_size = int(meta["image_size"])
         self.stage = str(meta.get("stage") or "")
         self.source = None if source is None else Path(source)
@@ -75,7 +77,7 @@ class InferenceModel(nn.Module):
 
         A pretraining run's online linear probe (``stage == "pretrain"``) is a monitor trained on
         stop-gradient features, not a classifier of the method, so it does not count."""
-        return self.net.classifier is not None and self.stage != "pretrain" and bool(self.classes)
+        return self.net.classifier is not None and self.stage != "pretrain"
 
     @property
     def input_contract(self) -> str:
