@@ -388,6 +388,107 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
+# ---- the other stages (fine-tune, distil, evaluate, predict) vs a plain PyTorch fp32 loop ----------
+
+def stage_benchmarks(batch: int, rounds: int) -> dict[str, Any]:
+    """Images/s of one step (or one inference batch) of each later stage, built from the same pieces
+    the stage uses (``setup_runtime``/``make_runtime``, ``prepare_model``, ``build_optimizer``,
+    autocast, ``optimizer_step``, ``mixed_distillation_loss``), against a plain PyTorch loop on the
+    same network: fp32, NCHW, ``torch.optim.SGD``, ``F.cross_entropy``. Pre-made inputs (no data
+    loading or augmentation); interleaved round by round in this process; fastest round.
+    Prediction uses ``simclrv2.inference.runner.make_runtime`` (what ``simclrv2 predict`` runs);
+    its model forward is the network's eval forward, as here."""
+    from simclrv2.inference.runner import make_runtime
+    from simclrv2.losses import mixed_distillation_loss
+    from simclrv2.training.runtime import eval_mode
+    from simclrv2.training.trainer import optimizer_step
+
+    def stage_config(stage: str):
+        # The stage's own defaults; the paths are placeholders, never opened (check_paths=False).
+        return build_config(stage, flag_values={"arch": ARCH, "device": "cpu", "data": "digits",
+                                                "checkpoint": "unused", "teacher": "unused"}, check_paths=False)
+
+    classes = 10
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+
+    def net(proj: int = 0) -> nn.Module:
+        torch.manual_seed(0)
+        return create_model(ARCH, image_size=IMAGE_SIZE, num_proj_layers=proj, num_classes=classes)
+
+    def ours_train(stage: str, distill: bool) -> Callable[[], None]:
+        cfg = stage_config(stage)
+        rt = setup_runtime(cfg)
+        student = rt.prepare_model(net(0 if distill else cfg.num_proj_layers))
+        opt = build_optimizer(cfg, student, 0.1)
+        scaler = rt.grad_scaler()
+        teacher = rt.prepare_model(net(3)).eval().requires_grad_(False) if distill else None
+        xin = rt.layout(x)
+
+        def step() -> None:
+            with rt.autocast():
+                logits = student(xin)["logits"]
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(xin)["logits"]
+            loss = (mixed_distillation_loss(logits, t_logits, y, 0.1, 1.0) if teacher is not None
+                    else F.cross_entropy(logits.float(), y))
+            optimizer_step(loss, opt, scaler)
+        return step
+
+    def plain_train(distill: bool) -> Callable[[], None]:
+        student = net(0 if distill else 3)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        teacher = net(3).eval().requires_grad_(False) if distill else None
+
+        def step() -> None:
+            logits = student(x)["logits"]
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.softmax(teacher(x)["logits"] / 0.1, dim=1)
+                loss = -(target * F.log_softmax(logits / 0.1, dim=1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def ours_infer(rt) -> Callable[[], None]:
+        model = rt.prepare_model(net(3))
+        xin = rt.layout(x)
+
+        def forward() -> None:
+            with eval_mode(model), torch.no_grad(), rt.autocast():
+                model(xin)["logits"].float()
+        return forward
+
+    def plain_infer() -> Callable[[], None]:
+        model = net(3).eval()
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(x)["logits"]
+        return forward
+
+    eval_rt = setup_runtime(stage_config("evaluate"))
+    fns = {"finetune_ours": timed(ours_train("finetune", False)), "finetune_plain": timed(plain_train(False)),
+           "distill_ours": timed(ours_train("distill", True)), "distill_plain": timed(plain_train(True)),
+           "evaluate_ours": timed(ours_infer(eval_rt)), "evaluate_plain": timed(plain_infer()),
+           "predict_ours": timed(ours_infer(make_runtime("cpu", "auto"))), "predict_plain": timed(plain_infer())}
+    times = interleaved(fns, 1, rounds)
+    out: dict[str, Any] = {"batch": batch, "rounds": rounds, "image_size": IMAGE_SIZE, "arch": ARCH,
+                           "precision": eval_rt.precision, "plain": "fp32, NCHW, SGD, F.cross_entropy",
+                           "statistic": "min over rounds"}
+    for stage in ("finetune", "distill", "evaluate", "predict"):
+        ours, plain = min(times[f"{stage}_ours"]), min(times[f"{stage}_plain"])
+        out[stage] = {"ours_images_per_s": batch / ours, "plain_fp32_images_per_s": batch / plain,
+                      "speedup": plain / ours, "paired_median_speedup":
+                      paired_ratio(times[f"{stage}_plain"], times[f"{stage}_ours"])}
+    return out
+
+
 # ---- environment ------------------------------------------------------------------------------
 
 def _cpuinfo() -> dict[str, str]:
@@ -680,6 +781,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lightly_fraction_of_best_kernel": flops_peer / best["lightly"] / 1e9 / best_rate if peer else None,
     }
     results["augment"] = {"32px": aug32, "224px": aug224}
+    if args.stages:
+        say("other stages vs a plain fp32 loop ...")
+        t_phase = time.perf_counter()
+        results["stages"] = stage_benchmarks(args.stage_batch, args.steps)
+        phases["stages"] = time.perf_counter() - t_phase
     results["memory"] = memory
     results["phase_seconds"] = phases
     results["wall_seconds"] = time.perf_counter() - t_start
@@ -785,6 +891,16 @@ def render_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_stages(st: dict[str, Any]) -> str:
+    lines = [f"other stages, batch {st['batch']}, {st['image_size']} px, ours {st['precision']} vs plain "
+             f"{st['plain']} (images/s, fastest of {st['rounds']} rounds)"]
+    for stage in ("finetune", "distill", "evaluate", "predict"):
+        d = st[stage]
+        lines.append(f"  {stage:<10s} ours {d['ours_images_per_s']:8.1f}  plain {d['plain_fp32_images_per_s']:8.1f}  "
+                     f"{d['speedup']:.2f}x (paired median {d['paired_median_speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=None, help="source images per step (default 256, "
@@ -802,6 +918,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablate-malloc", action="store_true", help="also time our step with glibc's default "
                         "malloc policy (SIMCLRV2_MALLOC_TUNING=0, see simclrv2.training.runtime)")
     parser.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
+    parser.add_argument("--stages", action="store_true", help="also time fine-tuning, distillation "
+                        "(teacher + student), evaluation and prediction against a plain fp32 PyTorch loop")
+    parser.add_argument("--stages-only", action="store_true", help="only the --stages comparison (no workers)")
+    parser.add_argument("--stage-batch", type=int, default=64, help="batch of the --stages comparison")
     parser.add_argument("--peer-best", choices=("auto", "bf16", "fp32"), default="auto",
                         help="the tuned peer: bf16 autocast + channels_last, or fp32 + channels_last "
                         "(auto: bf16 where the CPU has native bf16, else fp32)")
@@ -827,8 +947,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker_main(args.worker, args.batch_size, args.peer_best)
         return
+    if args.stages_only:
+        before = load_average()
+        host = host_info(torch.get_num_threads())
+        results = {"stages": stage_benchmarks(args.stage_batch, args.steps), "host": host,
+                   "torch": torch.__version__, "load_average_before": before, "load_average_after": load_average()}
+        busy = max(before[0] if before else 0, results["load_average_after"][0] if before else 0)
+        results["machine_note"] = "BUSY machine" if busy > 0.5 * (os.cpu_count() or 1) else "quiet machine"
+        print(render_stages(results["stages"]))
+        args.out = args.out or RESULTS_DIR / f"stages-{host['host_kind']}{'-quick' if args.quick else ''}.json"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     results = run(args)
     print(render_table(results))
+    if "stages" in results:
+        print(render_stages(results["stages"]))
     if args.out is None:
         kind = results["environment"]["host_kind"]
         args.out = RESULTS_DIR / f"throughput-{kind}{'-quick' if args.quick else ''}.json"
