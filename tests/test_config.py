@@ -15,7 +15,8 @@ from simclrv2.utils.checkpoint import save_weights
 def _weights_file(tmp_path: Path, arch: str) -> Path:
     """A tiny .safetensors file carrying a model description (enough for config resolution)."""
     path = tmp_path / f"{arch}.safetensors"
-    save_weights({"w": torch.zeros(1)}, path, {"arch": arch, "image_size": 16, "num_proj_layers": 3})
+    save_weights({"w": torch.zeros(1)}, path, {"arch": arch, "image_size": 16, "num_proj_layers": 3,
+                                            "data": "digits"})
     return path
 
 
@@ -38,7 +39,7 @@ def test_finetune_learning_rate_follows_the_architecture(tmp_path, arch, lr):
 def test_finetune_learning_rate_from_a_run_directory(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    save_weights({"w": torch.zeros(1)}, run / "model.safetensors", {"arch": "r101_2x_sk1"})
+    save_weights({"w": torch.zeros(1)}, run / "model.safetensors", {"arch": "r101_2x_sk1", "data": "digits"})
     assert build_config("finetune", None, {"checkpoint": str(run)}).learning_rate == 0.002
     # an explicit learning rate always wins
     assert build_config("finetune", None, {"checkpoint": str(run), "learning_rate": 0.01}).learning_rate == 0.01
@@ -195,3 +196,142 @@ def test_valid_edge_values_are_accepted(tmp_path):
 def test_unknown_field_from_code_is_an_error():
     with pytest.raises(ConfigError, match="no_such_option"):
         build_config("pretrain", None, {"no_such_option": 1})
+
+
+# ------------------------------------------------------------------------ typed YAML (issue 15 item 7, 16)
+def _yaml(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-4", 1e-4), ("1.0e-4", 1e-4), (".5", 0.5), ("5.", 5.0),
+                                             ("1E-3", 1e-3), ('"1e-4"', 1e-4), ("3", 3.0)])
+def test_numbers_in_any_yaml_spelling(tmp_path, spelling, value):
+    cfg = _cli_config(["pretrain", "--config", str(_yaml(tmp_path, f"weight_decay: {spelling}\n"
+                                                                    f"learning_rate: {spelling}\n"))])
+    assert cfg.weight_decay == value and cfg.learning_rate == value   # before: traceback / "not positive"
+    assert isinstance(cfg.weight_decay, float)
+
+
+@pytest.mark.parametrize("word, value", [("true", True), ("no", False), ("on", True), ("off", False),
+                                         ('"false"', False), ("Yes", True)])
+def test_booleans_only_as_words_of_truth(tmp_path, word, value):
+    cfg = _cli_config(["pretrain", "--config", str(_yaml(tmp_path, f"use_blur: {word}\nflip: {word}\n"))])
+    assert cfg.use_blur is value and cfg.flip is value   # before: "false" turned blur on
+
+
+@pytest.mark.parametrize("text, option, allowed", [
+    ("flip: maybe\n", "flip", "true or false"),
+    ("use_blur: 1\n", "use_blur", "true or false"),
+    ("batch_size: 1.5\n", "batch_size", "whole number"),
+    ("batch_size: many\n", "batch_size", "whole number"),
+    ("data: [a, b]\n", "data", "text"),
+    ("momentum: 1.5\n", "momentum", r"\[0, 1\)"),
+    ("temperature: .nan\n", "temperature", "number"),
+    ("optimizer: adamw\n", "optimizer", "lars, momentum"),
+    ("labeled_list: [a.txt]\n", "labeled_list", "text"),
+])
+def test_wrong_types_and_ranges_name_the_option_and_what_is_allowed(tmp_path, text, option, allowed):
+    with pytest.raises(ConfigError, match=rf"{option}: .*{allowed}"):
+        _cli_config(["pretrain", "--config", str(_yaml(tmp_path, text))])
+
+
+def test_pipeline_values_and_sections_are_typed_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="pretrain_epochs: must be a number"):
+        load_yaml(_yaml(tmp_path, "pretrain_epochs: one\n"), "pipeline")
+    assert load_yaml(_yaml(tmp_path, "label_fractions: 0.1\n"), "pipeline") == {"label_fractions": [0.1]}
+    with pytest.raises(ConfigError, match="distill.alpha: must be a number"):
+        load_yaml(_yaml(tmp_path, "distill:\n  alpha: half\n"), "pipeline")
+    with pytest.raises(ConfigError, match="knn_k: does not apply to `simclrv2 distill` in section 'distill'"):
+        load_yaml(_yaml(tmp_path, "distill:\n  knn_k: 3\n"), "pipeline")
+    with pytest.raises(ConfigError, match="section 'finetune'.*only to `simclrv2 pipeline`"):
+        load_yaml(_yaml(tmp_path, "finetune:\n  epochs: 3\n"), "pretrain")
+
+
+def test_hostile_yaml_is_refused_quickly(tmp_path):
+    import time
+    bomb = ('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+            'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n')
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_yaml(_yaml(tmp_path, bomb), "pretrain")
+    with pytest.raises(ConfigError, match="nested deeper"):
+        load_yaml(_yaml(tmp_path, "seed: " + "[" * 5000 + "]" * 5000 + "\n"), "pretrain")
+    with pytest.raises(ConfigError, match="at most 256 KiB"):
+        load_yaml(_yaml(tmp_path, "# " + "x" * 300_000 + "\n"), "pretrain")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_yaml(_yaml(tmp_path, b"seed: \xff\xfe\n"), "pretrain")
+    with pytest.raises(ConfigError, match="option names must be words"):
+        load_yaml(_yaml(tmp_path, "1: 2\n"), "pretrain")
+    assert time.perf_counter() - start < 2.0
+
+
+def test_options_that_do_not_apply_are_errors_with_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match="alpha: does not apply to `simclrv2 pretrain`.*distill"):
+        load_yaml(_yaml(tmp_path, "alpha: 0.5\n"), "pretrain")
+    with pytest.raises(ConfigError, match="teacher: does not apply"):
+        load_yaml(_yaml(tmp_path, "teacher: x\n"), "pretrain")
+    with pytest.raises(ConfigError, match="lerning_rate: unknown option.*did you mean learning_rate"):
+        load_yaml(_yaml(tmp_path, "lerning_rate: 0.1\n"), "pretrain")
+    # the demo fixes its own settings: anything but out/seed/device/precision/progress is refused
+    with pytest.raises(ConfigError, match="pretrain_epochs: does not apply to `simclrv2 demo`"):
+        load_yaml(_yaml(tmp_path, "pretrain_epochs: 1\n"), "demo")
+    with pytest.raises(ConfigError, match="optimizer: does not apply to `simclrv2 linear-eval`"):
+        load_yaml(_yaml(tmp_path, "optimizer: lars\n"), "linear-eval")
+    with pytest.raises(ConfigError, match="configuration of a 'finetune' run"):
+        load_yaml(_yaml(tmp_path, "stage: finetune\n"), "pretrain")
+
+
+@pytest.mark.parametrize("stage, values", [("pretrain", {}), ("supervised", {"label_fraction": 0.5}),
+                                           ("pipeline", {"label_fractions": [0.1]}),
+                                           ("demo", {"seed": 3})])
+def test_saved_config_is_effective_and_loads_back(tmp_path, stage, values):
+    from simclrv2.config import config_to_yaml, fields_for_stage
+    cfg = build_config(stage, None, {**values, "out": str(tmp_path / "run")})
+    text = config_to_yaml(cfg, stage)
+    if stage in ("pretrain", "pipeline"):
+        assert "image_size: 32" in text and "use_blur: false" in text and "color_jitter_strength: 0.5" in text
+    again = build_config(stage, load_yaml(_yaml(tmp_path, text), stage))
+    for f in fields_for_stage(stage):
+        if f.name != "out":
+            assert getattr(again, f.name) == getattr(cfg, f.name), f.name
+
+
+def test_pipeline_root_config_states_the_pipeline_epochs(tmp_path):
+    from simclrv2.config import config_to_yaml
+    text = config_to_yaml(build_config("pipeline", None, {"pretrain_epochs": 10}), "pipeline")
+    assert "pretrain_epochs: 10" in text and "\nepochs:" not in text   # before: "epochs: 100" for 10
+
+
+def test_stage_configs_validate_without_the_checkpoints_they_will_read():
+    cfg = build_config("finetune", None, {"checkpoint": "/not/yet/pretrain", "data": "digits"}, check_paths=False)
+    assert cfg.epochs == 30
+    with pytest.raises(ConfigError, match="alpha"):
+        build_config("distill", None, {"teacher": "/not/yet", "alpha": 2.0}, check_paths=False)
+
+
+def test_image_size_is_the_median_of_a_sample(tmp_path, make_image):
+    from simclrv2.data.imagesize import native_image_size
+    big = tmp_path / "big"
+    for i in range(9):
+        make_image(big / "train" / "a" / f"{i}.png", (160, 120), (1, 2, 3))
+    make_image(big / "train" / "a" / "0000_small.png", (16, 16), (1, 2, 3))  # the first file: small
+    est = native_image_size(str(big))
+    assert est.size == 224 and est.median == 160 and "mixed sizes" in est.note  # before: 16 (CIFAR stem)
+    small = tmp_path / "small"
+    for i in range(5):
+        make_image(small / f"{i}.png", (24, 24), (1, 2, 3))
+    assert native_image_size(None, unlabeled=[str(small)]).size == 24
+    assert native_image_size("stl10").size == 96
+
+
+def test_flag_values_are_typed_and_checked(capsys):
+    from simclrv2.cli.main import main
+    assert main(["pretrain", "--learning-rate", "nan"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["pretrain", "--lerning-rate", "0.1"]) == 2
+    assert "did you mean --learning-rate" in capsys.readouterr().err
+    assert main(["pretrain", "--alpha", "0.5"]) == 2
+    assert "--alpha: does not apply to `simclrv2 pretrain`" in capsys.readouterr().err
+    assert main(["demo", "--batch-size", "8"]) == 2

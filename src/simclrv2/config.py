@@ -108,6 +108,12 @@ class Config:
                         "they keep every finished stage whose settings are unchanged and re-run the others, and "
                         "--no-resume refuses a run directory that already holds results.",
                         TRAIN_STAGES + ("pipeline", "demo"))
+    resume_changed: bool = _opt(False, "With --resume: continue even though settings that change the training "
+                                "differ from the run's (data, labels, batch, learning rate, schedule, seed, "
+                                "augmentation, architecture...); the differences are recorded in simclrv2-run.json.",
+                                TRAIN_STAGES)
+    overwrite: bool = _opt(False, "Use --out even though it holds another run or other files: its old contents are "
+                           "moved aside to OUT.old-<time> (never deleted) and a new run starts.", ALL)
     dist_timeout: float = _opt(600.0, "Seconds a process waits for the others (start-up and each collective "
                                "operation) before it stops with an error, when several processes train "
                                "together (torchrun); a crashed or hung peer then ends the run instead of "
@@ -763,8 +769,9 @@ def validate(stage: str, cfg: Config, *, check_paths: bool = True) -> None:
             and not is_dataset_name(cfg.data) and (Path(cfg.data) / "train").is_dir():
         raise ConfigError("labels: give the labelled images either as class folders (--data ROOT with "
                           "ROOT/train/<class>/) or as --labels FILE.csv, not both")
-    if stage in DATA_STAGES and cfg.data is None and not (cfg.unlabeled or cfg.labels) \
-            and (check_paths or stage not in CHECKPOINT_SOURCE):
+    source = getattr(cfg, CHECKPOINT_SOURCE[stage]) if stage in CHECKPOINT_SOURCE else None
+    source_ok = stage not in CHECKPOINT_SOURCE or (check_paths and bool(source) and Path(source).exists())
+    if stage in DATA_STAGES and cfg.data is None and not (cfg.unlabeled or cfg.labels) and source_ok:
         raise ConfigError(f"data: {stage} needs --data (a folder or one of {', '.join(DATASET_NAMES)})"
                           + (f"; {CHECKPOINT_SOURCE[stage]} records none" if stage in CHECKPOINT_SOURCE else ""))
     if stage in DATA_STAGES and cfg.data is not None and not is_dataset_name(cfg.data):
