@@ -133,7 +133,7 @@ def test_finetune_without_recorded_data_asks_for_data(world, tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err   # before: silently fine-tuned on digits
 
 
-def test_labels_from_a_csv(world, tmp_path):
+def test_labels_from_a_csv(world, tmp_path, capsys):
     rows = ["path,label"] + [f"{p.relative_to(world['lab']).as_posix()},{p.parent.name}"
                              for p in sorted((world["lab"] / "train").rglob("*.png"))]
     csv_file = world["lab"] / "labels.csv"
@@ -141,9 +141,13 @@ def test_labels_from_a_csv(world, tmp_path):
     out = tmp_path / "sup"
     assert main(["supervised", "--labels", str(csv_file), "--epochs", "1", *FAST, "--out", str(out)]) == 0
     assert results(out)["num_labeled"] == 20
+    # a student of a CSV-labelled teacher finds the CSV through the teacher's record
+    assert main(["distill", "--teacher", str(out), *FAST, "--out", str(tmp_path / "dist")]) == 0
+    assert results(tmp_path / "dist")["labeled_set"]["num_with_labels"] == 20
     bad = tmp_path / "bad.csv"
     bad.write_text("secret-token-123,cat\n")
     assert main(["supervised", "--labels", str(bad), *FAST, "--out", str(tmp_path / "x")]) == 2
+    assert "secret-token" not in capsys.readouterr().err   # errors name lines, never the file's contents
 
 
 def test_effective_config_yaml_passes_back_with_config(world, tmp_path):

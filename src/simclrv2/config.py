@@ -596,6 +596,9 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
         if source_field:
             if isinstance(record.get("data"), str):  # else validate asks for --data: never a silent digits
                 changes["data"] = record["data"]
+            if isinstance(record.get("labels_csv"), str) and cfg.labels is None \
+                    and stage in fields_stage_of("labels"):
+                changes["labels"] = record["labels_csv"]
         elif not cfg.unlabeled and not cfg.labels:
             changes["data"] = DEFAULT_DATA
     if cfg.image_size is None and stage in DATA_STAGES:
