@@ -19,7 +19,7 @@ from simclrv2.config import Config
 from simclrv2.losses import mixed_distillation_loss
 from simclrv2.optim import l2_penalty
 from simclrv2.training.data_setup import RunData
-from simclrv2.training.evaluate import evaluate_classifier
+from simclrv2.training.eval_log import final_evaluation, periodic_evaluation
 from simclrv2.training.model_io import export_model
 from simclrv2.training.global_bn import convert_global_bn
 from simclrv2.training.rundir import RunDirectory
@@ -94,6 +94,9 @@ class ClassifierTrainer(Trainer):
     def model_meta(self) -> dict[str, Any]:
         return self.meta
 
+    def on_epoch_end(self, epoch: int) -> None:
+        periodic_evaluation(self, epoch)  # --eval-every (eval_log.py)
+
 
 def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
                        indices: torch.Tensor | None, net: nn.Module, meta: dict[str, Any], *,
@@ -129,8 +132,8 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
     if rt.is_main:
         export_model(trainer.net, run.path / "model.safetensors", meta)
         if data.test is not None:
-            metrics = evaluate_classifier(trainer.net, data.test, rt, image_size=data.image_size,
-                                          batch_size=cfg.eval_batch_size, progress=cfg.progress)
+            metrics = final_evaluation(run, trainer.step, trainer.net, data.test, rt, image_size=data.image_size,
+                                       classes=data.classes, batch_size=cfg.eval_batch_size, progress=cfg.progress)
             results.update(metrics)
             print(f"{stage}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f} -> {run.path}")
     run.write_results(results)

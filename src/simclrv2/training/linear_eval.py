@@ -22,7 +22,8 @@ from simclrv2.errors import ConfigError
 from simclrv2.models import LinearClassifier
 from simclrv2.optim import WarmupCosineSchedule, scale_learning_rate, steps_for
 from simclrv2.training.data_setup import inherited_label_spec, prepare_data
-from simclrv2.training.evaluate import run_inference, topk_accuracy
+from simclrv2.training.eval_log import log_final_logits
+from simclrv2.training.evaluate import run_inference
 from simclrv2.training.model_io import export_model, load_network, model_meta
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import setup_runtime
@@ -111,7 +112,8 @@ def linear_eval(cfg: Config) -> dict[str, Any]:
                                               keys=("features",), progress=cfg.progress, desc="features (test)")
         with torch.no_grad():
             logits = classifier(test_out["features"])
-        results.update(topk_accuracy(logits, test_labels))
+        last_step = steps_for(len(train_labels), float(cfg.epochs), min(int(cfg.batch_size), len(train_labels)))
+        results.update(log_final_logits(run, last_step, logits, test_labels, data.classes))  # eval_log.py
         results["num_images"] = int(len(test_labels))
     if rt.is_main:
         export_model(exported, run.path / "model.safetensors", meta)
