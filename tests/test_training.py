@@ -271,60 +271,7 @@ def test_student_initialised_from_another_architecture_fails_naming_both(pre, ft
     assert "r18_1x_sk0" in err and "r18_1x_sk1" in err
 
 
-# ----------------------------------------------------------------------------------------------- pipeline
-def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp_path, capsys):
-    config = tmp_path / "pipe.yaml"
-    config.write_text("pretrain:\n  batch_size: 20\nlinear_eval:\n  epochs: 5\n")
-    out = tmp_path / "pipe"
-    # one epoch per stage (N·E//B + 1 steps): pretrain 3, fine-tune / supervised / distill 2
-    argv = ["pipeline", *EVAL_COMMON, "--label-fractions", "0.1", "--student-arch", "r18_1x_sk1",
-            "--pretrain-epochs", "1", "--finetune-epochs", "1", "--distill-epochs", "1", "--supervised-epochs", "1",
-            "--crop-min-area", "0.3", "--config", config, "--out", out]
-    cli(*argv)
-    table = results(out)
-    assert set(table) == {"supervised", "linear_eval", "finetune", "distill", "distill_r18_1x_sk1"}
-    for method, rows in table.items():
-        assert set(rows) == {"0.1"}, method
-        assert set(rows["0.1"]) == {"top1", "top5"}
-        assert_accuracy(rows["0.1"])
-        assert rows["0.1"]["top1"] >= 0
-    stage_dirs = ["pretrain", "finetune_0.1", "distill_0.1", "distill_r18_1x_sk1_0.1", "supervised_0.1",
-                  "linear_eval_0.1"]
-    for name in stage_dirs:
-        assert (out / name / "results.json").is_file(), name
-    # each method's number is its stage's own result
-    assert table["finetune"]["0.1"]["top1"] == results(out / "finetune_0.1")["top1"]
-    assert table["distill_r18_1x_sk1"]["0.1"]["top1"] == results(out / "distill_r18_1x_sk1_0.1")["top1"]
-    assert yaml.safe_load((out / "linear_eval_0.1" / "config.yaml").read_text())["epochs"] == 5
-    for name in stage_dirs:   # crops are shared by every training stage (the demo's digits need it)
-        assert yaml.safe_load((out / name / "config.yaml").read_text())["crop_min_area"] == 0.3, name
-    assert results(out / "pretrain")["steps"] == 40 * 1 // 20 + 1    # the YAML section's batch size (SPEC §5)
-    report = (out / "report.md").read_text()
-    assert "| method |" in report
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["accuracy_vs_label_fraction.png", "training_curves.png"]
-    for png in pngs:
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert png in report
-
-    timed = json.loads((out / "stage_seconds.json").read_text())
-    assert set(timed) == {"pretrain", "finetune 0.1", "distill 0.1", "distill into r18_1x_sk1 0.1",
-                          "supervised 0.1", "linear-eval 0.1"}
-    assert all(seconds > 0 for seconds in timed.values())
-
-    mtimes = {name: (out / name / "results.json").stat().st_mtime_ns for name in stage_dirs}
-    capsys.readouterr()
-    start = time.perf_counter()
-    cli(*argv)
-    rerun_seconds = time.perf_counter() - start
-    printed = capsys.readouterr().out
-    assert printed.count("done already, skipping") == len(stage_dirs)
-    assert {name: (out / name / "results.json").stat().st_mtime_ns for name in stage_dirs} == mtimes
-    assert results(out) == table
-    assert rerun_seconds < 30
-    # the re-run skipped every stage, yet the report still says what each one cost
-    assert json.loads((out / "stage_seconds.json").read_text()) == timed
-    assert "Stage wall-clock times (s): pretrain " in (out / "report.md").read_text()
+# The pipeline's tests are in tests/test_pipeline.py.
 
 
 # ----------------------------------------------------------------------------------------------- real data

@@ -9,7 +9,7 @@ the seeds ``--seed`` .. ``--seed+N-1`` (pretraining too with ``--pretrain-each-s
 report can tell a gain from seed-to-seed noise.
 
 Every stage's settings are built and validated before any stage runs. Each stage writes its own
-sub-directory and a record of the settings it ran with (``pipeline_stage.json``). On a re-run
+sub-directory; the settings it ran with are recorded in ``pipeline_stages.json``. On a re-run
 (``--resume``, the default) a stage whose record matches is kept, an interrupted one resumes from
 its last checkpoint, and one whose settings changed (or whose input stage ran again, or that
 ``--force`` names) runs again from scratch, saying why: a report never mixes old results with new
@@ -62,9 +62,11 @@ NOT_COMPARED = set(RUN_CONTROL_FIELDS) | {"progress", "num_workers", "log_every"
 """Settings that change how a stage reports or where it runs, not what it computes: a change of these
 keeps a finished stage."""
 
-STAGE_RECORD = "pipeline_stage.json"
-"""In each stage directory: the settings the stage ran with, the tokens of the stages it started from,
-and its own token (new each time it runs), so that a re-run can tell stale results from current ones."""
+STAGE_RECORDS = "pipeline_stages.json"
+"""In the pipeline directory, one entry per stage directory: the settings the stage ran with, the tokens
+of the stages it started from and its own token (new each time it runs), so that a re-run can tell stale
+results from current ones. (Kept outside the stage directories: a stage's run directory holds only
+what the stage itself writes.)"""
 
 LIST_KEY = "list"
 """The report key of the labelled set given by ``--labeled-list``."""
@@ -273,11 +275,17 @@ def settings_record(cfg: Config, command: str, root: Path) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
 
 
-def read_stage_record(path: Path) -> dict[str, Any] | None:
+def read_stage_records(root: Path) -> dict[str, Any]:
     try:
-        record = json.loads((path / STAGE_RECORD).read_text())
+        records = json.loads((Path(root) / STAGE_RECORDS).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def read_stage_record(root: Path, name: str) -> dict[str, Any] | None:
+    """The record of stage directory ``name`` (e.g. "finetune_0.1"), None when there is none."""
+    record = read_stage_records(root).get(name)
     return record if isinstance(record, dict) else None
 
 
@@ -295,7 +303,7 @@ def decide(plan: StagePlan, settings: dict[str, Any], inputs: dict[str, str], fo
         return "fresh", "--force"
     if not path.exists() or not any(path.iterdir()):
         return "fresh", ""
-    record = read_stage_record(path)
+    record = read_stage_record(path.parent, path.name)
     if record is None:
         return "fresh", f"{path} holds no record of the settings it ran with (an older version); running it again"
     if record.get("settings") != settings:
@@ -310,9 +318,11 @@ def decide(plan: StagePlan, settings: dict[str, Any], inputs: dict[str, str], fo
 
 def _write_record(plan: StagePlan, settings: dict[str, Any], inputs: dict[str, str], *, complete: bool,
                   token: str, seconds: float | None = None) -> None:
-    atomic_write_text(plan.path / STAGE_RECORD, json.dumps(
-        {"stage": plan.name, "settings": settings, "inputs": inputs, "complete": complete, "token": token,
-         "seconds": seconds}, indent=2))
+    root = plan.path.parent
+    records = read_stage_records(root)
+    records[plan.path.name] = {"stage": plan.name, "settings": settings, "inputs": inputs, "complete": complete,
+                               "token": token, "seconds": seconds}
+    atomic_write_text(root / STAGE_RECORDS, json.dumps(records, indent=2))
 
 
 def _runners() -> dict[str, Callable[[Config], dict[str, Any]]]:
@@ -325,7 +335,7 @@ def _runners() -> dict[str, Callable[[Config], dict[str, Any]]]:
 
 
 def holds_results(root: Path) -> bool:
-    return (root / "results.json").is_file() or any(root.glob(f"*/{STAGE_RECORD}")) or \
+    return (root / "results.json").is_file() or (root / STAGE_RECORDS).is_file() or \
         any(root.glob("*/results.json"))
 
 
@@ -357,7 +367,7 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
         inputs = {name: tokens[name] for name in plan.inputs}
         action, why = decide(plan, settings, inputs, plan.kind in forced)
         if action == "skip":
-            record = read_stage_record(plan.path) or {}
+            record = read_stage_record(root, plan.path.name) or {}
             tokens[plan.name] = str(record.get("token"))
             results = json.loads((plan.path / "results.json").read_text())
             if is_main:
@@ -371,7 +381,6 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
                     shutil.rmtree(plan.path)   # stale results and checkpoints of other settings
             token = uuid.uuid4().hex
             if is_main:
-                plan.path.mkdir(parents=True, exist_ok=True)
                 _write_record(plan, settings, inputs, complete=False, token=token)
             t0 = time.perf_counter()
             results = runners[plan.command](cfg.replace(out=str(plan.path), resume=action == "resume"))

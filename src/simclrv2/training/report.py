@@ -604,7 +604,7 @@ def build_report(root: Path, table: dict[str, Any], *, stages: list[dict[str, An
     lines += [f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, {hw['torch_threads']} torch threads"
               + (f", GPU {hw['gpu']}" if hw.get("gpu") else "") + f"; precision {_resolved_precision(pipe)}; "
               f"torch {hw['torch']}.", ""]
-    lines += ["Each stage's settings (`config.yaml`, `pipeline_stage.json`), logs (`logs/metrics.jsonl`, "
+    lines += ["Each stage's settings (`config.yaml`; the pipeline compares them through `pipeline_stages.json`), logs (`logs/metrics.jsonl`, "
               "TensorBoard) and `results.json` are in its sub-directory; `results.json` here holds every seed's "
               "figures, their mean and standard deviation.", ""]
     return lines
