@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,73 @@ def test_pruning_keeps_the_last_k_and_latest_moves(tmp_path):
     assert manager.load()["state"]["step"] == 4
 
 
-def test_latest_ignores_an_incomplete_folder(tmp_path):
+def test_latest_ignores_an_incomplete_folder_and_falls_back(tmp_path):
     manager = CheckpointManager(tmp_path)
     _save(manager, 1)
-    # a pointer to a folder without meta.json (e.g. written by hand, or half-deleted) is not trusted
+    # a pointer to a folder without meta.json (e.g. written by hand, or half-deleted) is not trusted:
+    # the newest complete folder is used instead, and the manager says why
     broken = tmp_path / "checkpoints" / "step-00000002"
     broken.mkdir()
     (tmp_path / "checkpoints" / LATEST).write_text("step-00000002")
+    assert manager.latest() == tmp_path / "checkpoints" / "step-00000001"
+    assert "missing or incomplete" in manager.note
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000001")
     assert manager.latest() is None
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         manager.load()
+
+
+@pytest.mark.parametrize("pointer", ["", "step-00000009", "../../elsewhere/step-00000099", "ABSOLUTE", "..", "."])
+def test_latest_pointer_outside_or_missing_is_not_trusted(tmp_path, pointer):
+    """`latest` names nothing, a deleted folder, or a complete checkpoint OUTSIDE the run (relative or
+    absolute path): the run's own newest complete checkpoint is used."""
+    manager = CheckpointManager(tmp_path / "run")
+    _save(manager, 1)
+    _save(manager, 2)
+    foreign = CheckpointManager(tmp_path / "elsewhere" / "x")
+    _save(foreign, 99)
+    shutil.move(str(tmp_path / "elsewhere" / "x" / "checkpoints" / "step-00000099"), tmp_path / "elsewhere")
+    if pointer == "ABSOLUTE":
+        pointer = str(tmp_path / "elsewhere" / "step-00000099")
+    (manager.root / LATEST).write_text(pointer)
+    assert manager.latest() == manager.root / "step-00000002"
+    assert manager.note and "step-00000002" in manager.note
+
+
+def test_pruning_never_deletes_folders_it_did_not_write(tmp_path):
+    """A resumed run (a new manager) prunes only its own checkpoints: the one it resumed from and any
+    older one stay."""
+    first = CheckpointManager(tmp_path, keep=1)
+    _save(first, 1)
+    _save(first, 2)
+    assert [p.name for p in first.step_folders()] == ["step-00000002"]  # its own step 1 went
+    resumed = CheckpointManager(tmp_path, keep=1)
+    for step in (3, 4, 5):
+        _save(resumed, step)
+    assert [p.name for p in resumed.step_folders()] == ["step-00000002", "step-00000005"]
+
+
+def test_symlinked_checkpoints_folder_is_refused(tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "step-00000001").mkdir(parents=True)
+    (foreign / "step-00000001" / "precious.txt").write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(foreign)
+    manager = CheckpointManager(tmp_path / "run", keep=1)
+    with pytest.raises(CheckpointError, match="symlink"):
+        _save(manager, 2)
+    assert (foreign / "step-00000001" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("raw", ["not json {", "[1, 2]", "\"text\"", "[" * 100000 + "]" * 100000,
+                                 '{"arch": "' + "x" * (2 << 20) + '"}'])
+def test_crafted_safetensors_metadata_is_a_checkpoint_error(tmp_path, raw):
+    """Invalid JSON, another type, deep nesting or megabytes of metadata: one CheckpointError, no traceback."""
+    from safetensors.torch import save_file
+    path = tmp_path / "crafted.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"simclrv2": raw})
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_weights(path)
 
 
 class _Payload:

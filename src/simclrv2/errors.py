@@ -22,7 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "SimCLRv2Error", "ConfigError", "DataError", "MissingSplitError", "CheckpointError",
-    "TrainingError", "EXIT_OK", "EXIT_TRAINING", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
+    "TrainingError", "Terminated", "EXIT_OK", "EXIT_TRAINING", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
 ]
 
 EXIT_OK = 0
@@ -72,3 +72,10 @@ class TrainingError(SimCLRv2Error, RuntimeError):
     peer...); exit 1."""
 
     exit_code = EXIT_TRAINING
+
+
+class Terminated(TrainingError):
+    """SIGTERM (what batch schedulers send before pre-emption) stopped training after a checkpoint was
+    saved; continue with ``--resume`` (exit 143, the shell's code for SIGTERM)."""
+
+    exit_code = EXIT_TERMINATED

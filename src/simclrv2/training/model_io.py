@@ -51,8 +51,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
     """Write the final weights of a stage (``model.safetensors``) with their description."""
     path = Path(path)
+    state = unwrap(model).state_dict()
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # the one gate every stage's final weights pass: NaN/Inf weights are never exported
+        from simclrv2.errors import TrainingError
+        raise TrainingError(f"the final weights hold NaN or Inf ({len(broken)} tensors, e.g. "
+                            f"{', '.join(broken[:3])}); {path.name} was not written and no accuracy is reported. "
+                            "Try a lower --learning-rate or --precision fp32.")
     try:
-        save_weights(unwrap(model).state_dict(), path, meta)
+        save_weights(state, path, meta)
     except OSError as exc:
         from simclrv2.errors import TrainingError
         raise TrainingError(f"could not write the final weights {path} ({exc.strerror or exc}); no partial "
@@ -69,7 +76,36 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if missing:
         raise CheckpointError(f"checkpoint: {file} carries no simclrv2 model description (missing "
                               f"{', '.join(missing)}); it was not written by simclrv2")
+    check_model_meta(meta, file)
     return state, meta, file
+
+
+# (type, lowest, highest) of every field of a model description that builds a network; a crafted
+# file must not reach create_model with a string for a depth or a 10^9-pixel image size.
+_META_INTS = {"image_size": (1, 4096), "num_proj_layers": (0, 16), "proj_out_dim": (1, 1 << 16),
+              "num_classes": (0, 1 << 20), "ft_proj_selector": (-1, 16), "head_layers_kept": (0, 16)}
+
+
+def check_model_meta(meta: dict[str, Any], where: Any) -> None:
+    """Raise :class:`CheckpointError` naming the first field of ``meta`` whose type or range is not
+    one simclrv2 writes (a crafted or damaged description); nothing is built from it before."""
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {where} has an invalid model description ({key}: {why}); it was "
+                               "not written by simclrv2 or is damaged")
+
+    if not isinstance(meta.get("arch"), str) or len(meta["arch"]) > 64:
+        raise bad("arch", "not an architecture name")
+    for key, (low, high) in _META_INTS.items():
+        if key not in meta or (key == "head_layers_kept" and meta[key] is None):
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, f"a {type(value).__name__}, not an integer")
+        if not low <= value <= high:
+            raise bad(key, f"{value} outside {low}..{high}")
+    classes = meta.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("classes", "not a list of class names")
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, expected_arch: str,

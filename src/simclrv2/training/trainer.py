@@ -10,6 +10,8 @@ last good checkpoint.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,7 @@ from simclrv2.errors import ConfigError
 from simclrv2.data import BatchIterator, ImageSource
 from simclrv2.optim import LARS, WarmupCosineSchedule, lars_param_groups, scale_learning_rate, steps_for, \
     warmup_steps_for
-from simclrv2.errors import CheckpointError, TrainingError
+from simclrv2.errors import CheckpointError, DataError, Terminated, TrainingError
 from simclrv2.training.rundir import RunDirectory
 from simclrv2.training.runtime import Runtime, make_generator, restore_rng_state, rng_state
 from simclrv2.utils import distributed as dist_utils
@@ -45,6 +47,10 @@ def plan_steps(cfg: Config, num_examples: int, global_batch: int) -> StepPlan:
     if num_examples < 1:
         raise ConfigError("data: no training images for this stage")
     global_batch = min(int(global_batch), num_examples)
+    if global_batch < 2:
+        raise DataError(f"data: this stage has {num_examples} training image(s) and a batch of {global_batch}; "
+                        "training needs at least 2 images per batch (BatchNorm statistics, and contrastive "
+                        "negatives, come from the other images of the batch). Give more (labelled) images")
     steps_per_epoch = max(1, num_examples // global_batch)
     schedule_steps = cfg.schedule_steps or steps_for(num_examples, float(cfg.epochs), global_batch)
     warmup = min(warmup_steps_for(float(cfg.warmup_epochs or 0.0), num_examples, global_batch), schedule_steps)
@@ -176,31 +182,65 @@ class Trainer:
             "--precision fp32.")
 
     def save_checkpoint(self) -> None:
+        """Write a checkpoint on rank 0; the other ranks wait for it with the I/O timeout (not
+        ``--dist-timeout``: a slow disk is not a dead peer) and stop with rank 0 if the write failed."""
         self.check_finite()
-        if not self.rt.is_main:
-            return
-        weights = self.checkpoint_weights()
-        self.check_weights_finite(weights)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": rng_state(self.generators), **self.extra_state()}
-        meta = {"stage": self.stage, **self.model_meta()}
-        try:
-            self.run.checkpoints.save(self.step, weights=weights, state=state, meta=meta)
-        except OSError as exc:
-            raise TrainingError(f"could not write a checkpoint to {self.run.checkpoints.root} "
-                                f"({exc.strerror or exc}); nothing half-written was left and the previous "
-                                f"checkpoint is intact ({self.run.checkpoints.latest() or 'none yet'}). Free "
-                                "disk space or choose another --out, then --resume") from exc
+
+        def write() -> None:
+            weights = self.checkpoint_weights()
+            self.check_weights_finite(weights)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rng_state(self.generators), **self.extra_state()}
+            meta = {"stage": self.stage, **self.model_meta()}
+            try:
+                self.run.checkpoints.save(self.step, weights=weights, state=state, meta=meta)
+            except OSError as exc:
+                raise TrainingError(f"could not write a checkpoint to {self.run.checkpoints.root} "
+                                    f"({exc.strerror or exc}); nothing half-written was left and the previous "
+                                    f"checkpoint is intact ({self.run.checkpoints.latest() or 'none yet'}). Free "
+                                    "disk space or choose another --out, then --resume") from exc
+
+        dist_utils.share_outcome(write if self.rt.is_main else None)
+        self._saved_step = self.step
+
+    def _choose_resume_point(self) -> str | None:
+        """Rank 0's choice: the checkpoint ``latest`` names if it is complete, else the newest complete
+        one (with a message); None when the run has no checkpoint folder at all."""
+        manager = self.run.checkpoints
+        latest = manager.latest()
+        if latest is None:
+            folders = manager.step_folders()
+            if folders:
+                raise CheckpointError(
+                    f"resume: none of the {len(folders)} checkpoint folders in {manager.root} is complete (e.g. "
+                    f"{folders[-1].name}); nothing was changed. Move them away to start this run again from "
+                    "step 0, or use a new --out")
+            print(f"resume: {self.run.path} has no checkpoint yet; starting from step 0", flush=True)
+            return None
+        if manager.note:
+            print(f"resume: {manager.note}", flush=True)
+        return latest.name
 
     def maybe_resume(self) -> None:
         if not self.cfg.resume:
             return
-        latest = self.run.checkpoints.latest()
-        if latest is None:
-            if self.rt.is_main:
-                print(f"resume: no checkpoint in {self.run.path}, starting from scratch")
+        name = dist_utils.share_outcome(self._choose_resume_point if self.rt.is_main else None)
+        if name is None:
             return
+        latest = self.run.checkpoints.root / name
+        # Every rank loads the checkpoint rank 0 chose and checks it is the same one (ranks without a
+        # shared file system would otherwise continue from different points).
+        visible = self.run.checkpoints.is_complete(latest)
+        if not dist_utils.all_agree(visible):
+            raise CheckpointError(f"resume: rank 0 resumes from {name}, but rank(s) cannot see a complete {latest}"
+                                  f" (this is rank {self.rt.rank}: {'visible' if visible else 'missing'}); all "
+                                  "processes need the same run directory (a shared file system)")
+        mine = _fingerprint(latest)
+        if not dist_utils.all_agree(dist_utils.broadcast_object(mine) == mine):
+            raise CheckpointError(f"resume: the processes found different checkpoints named {name} (meta.json or "
+                                  "file sizes differ between ranks); all processes need the same run directory")
         ckpt = self.run.checkpoints.load(latest)
+        step = ckpt["meta"].get("step") if isinstance(ckpt["meta"].get("step"), int) else -1
         expected = {"stage": self.stage, **self.model_meta()}
         check_resume_compatible(ckpt["meta"], expected, latest)
         from simclrv2.training.model_io import load_state_into, unwrap
@@ -216,11 +256,24 @@ class Trainer:
             restore_rng_state(state["rng"], self.generators)
             self.load_extra_state(state, ckpt["weights"])
             self.step = int(state["step"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"resume: the optimiser/state of {latest} does not fit this run ({exc}); "
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"resume: the optimiser/state of {latest} does not fit this run "
+                                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
                                   "use the options of the original run or a new --out") from exc
+        if self.step != step:
+            raise CheckpointError(f"resume: {latest} says step {step} in meta.json but {self.step} in state.pt; "
+                                  "it is damaged, delete it (--resume then uses the newest complete one)")
+        self._saved_step = self.step
+        self.run.record(resumed_from=name, step=self.step)
         if self.rt.is_main:
             print(f"resume: continuing from step {self.step} ({latest})")
+
+    def _terminate_requested(self) -> bool:
+        """True on every rank once any rank received SIGTERM (ranks stop at the same step)."""
+        flag = self._sigterm
+        if dist_utils.is_distributed():
+            flag = not dist_utils.all_agree(not flag)
+        return flag
 
     def batches(self, epoch: int, start_batch: int) -> BatchIterator:
         """The batches of ``epoch`` from ``start_batch`` on; one iterator is kept so that decoding
@@ -246,8 +299,34 @@ class Trainer:
         pbar.set_postfix(shown, refresh=False)
 
     def fit(self) -> dict[str, float]:
-        """Run until ``plan.run_steps`` (or resume and finish); returns the last logged metrics."""
-        self.maybe_resume()
+        """Run until ``plan.run_steps`` (or resume and finish); returns the last logged metrics.
+
+        SIGTERM (a scheduler's pre-emption notice) is caught while training: the current step ends,
+        a checkpoint is saved, and :class:`~simclrv2.errors.Terminated` (exit 143) is raised."""
+        self._saved_step = None
+        self._sigterm = False
+        previous = self._catch_sigterm()
+        try:
+            self.maybe_resume()
+            self._train()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return self.last_metrics
+
+    def _catch_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigterm(signum, frame):
+            if self._sigterm:  # a second SIGTERM: stop now
+                raise Terminated("received SIGTERM twice; stopped without a new checkpoint (the last complete "
+                                 f"one is kept); continue with --resume --out {self.run.path}")
+            self._sigterm = True
+
+        return signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _train(self) -> None:
         plan = self.plan
         pbar = tqdm(total=plan.run_steps, initial=self.step, desc=self.stage, unit="step",
                     disable=not (self.cfg.progress and self.rt.is_main), dynamic_ncols=True)
@@ -269,11 +348,18 @@ class Trainer:
                         window_start, window_images = time.perf_counter(), 0
                     if self.step % self.cfg.checkpoint_every == 0 and not last:
                         self.save_checkpoint()
+                    if self._terminate_requested():
+                        if self._saved_step != self.step:
+                            self.save_checkpoint()
+                        raise Terminated(f"received SIGTERM; saved a checkpoint at step {self.step} "
+                                         f"({self.run.checkpoints.root / f'step-{self.step:08d}'}); continue with "
+                                         f"--resume --out {self.run.path}")
                     if last or self.step % plan.steps_per_epoch == 0:
                         break
                 if self.step % plan.steps_per_epoch == 0:
                     self.on_epoch_end(self.step // plan.steps_per_epoch)
-            self.save_checkpoint()
+            if self._saved_step != self.step:  # a finished run resumed again writes nothing new
+                self.save_checkpoint()
         except RuntimeError as exc:
             if (not isinstance(exc, TrainingError) and dist_utils.is_distributed()
                     and dist_utils.is_peer_failure(exc)):
@@ -281,7 +367,15 @@ class Trainer:
             raise
         finally:
             pbar.close()
-        return self.last_metrics
+
+
+def _fingerprint(folder) -> str:
+    """meta.json's digest and every file's size: equal on ranks that see the same checkpoint."""
+    import hashlib
+    digest = hashlib.sha256((folder / "meta.json").read_bytes())
+    for file in sorted(folder.iterdir()):
+        digest.update(f"{file.name}:{file.stat().st_size};".encode())
+    return digest.hexdigest()
 
 
 RESUME_KEYS = ("stage", "arch", "image_size", "num_proj_layers", "proj_out_dim", "num_classes",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,9 +32,19 @@ __all__ = [
     "cleanup_distributed",
     "is_peer_failure",
     "peer_failure_message",
+    "io_timeout",
+    "broadcast_object",
+    "share_outcome",
+    "all_agree",
 ]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+MIN_IO_TIMEOUT = datetime.timedelta(minutes=30)
+"""Collectives that wait for rank 0's disk I/O (a checkpoint of a large network on a slow or network
+file system can take minutes) use their own Gloo group with ``max(30 min, 3 x --dist-timeout)``, so a
+slow write never trips ``--dist-timeout`` while a dead peer in training still does."""
+
+_IO_GROUP = None
 
 
 def is_distributed() -> bool:
@@ -130,7 +141,71 @@ def setup_distributed(
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world_size, timeout=timeout
     )
+    global _IO_GROUP
+    _IO_GROUP = dist.new_group(backend="gloo", timeout=io_timeout(timeout))  # every rank, same order
     return rank, world_size, local_rank
+
+
+def io_timeout(timeout: datetime.timedelta | None = None) -> datetime.timedelta:
+    """How long a rank waits for rank 0's disk I/O (see :data:`MIN_IO_TIMEOUT`)."""
+    return max(MIN_IO_TIMEOUT, 3 * (timeout or DEFAULT_TIMEOUT))
+
+
+def _io_group():
+    global _IO_GROUP
+    if _IO_GROUP is None:  # a process group initialised by someone else: make ours (collectively)
+        _IO_GROUP = dist.new_group(backend="gloo", timeout=io_timeout())
+    return _IO_GROUP
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable, small), over the I/O group (CPU, long timeout)."""
+    if not is_distributed() or get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_io_group())
+    return box[0]
+
+
+def all_agree(ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (over the I/O group)."""
+    if not is_distributed() or get_world_size() == 1:
+        return bool(ok)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=_io_group())
+    return int(flag.item()) == 0
+
+
+def share_outcome(work: Callable[[], Any] | None) -> Any:
+    """Run ``work`` on rank 0 (others pass anything, it is not called there) and give its result to every
+    rank; an exception on rank 0 is raised on every rank, the same class with the same message when it
+    is a :class:`~simclrv2.errors.SimCLRv2Error`. The other ranks wait with the I/O timeout, so a slow
+    checkpoint write or a rank-0-only check never trips ``--dist-timeout`` nor leaves them hanging."""
+    from simclrv2 import errors
+
+    if not is_distributed() or get_world_size() == 1:
+        return work() if work is not None else None
+    outcome: tuple[str, Any] = ("ok", None)
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            outcome = ("ok", work() if work is not None else None)
+        except BaseException as exc:  # shared, then re-raised below
+            failure = exc
+            name = type(exc).__name__ if isinstance(exc, errors.SimCLRv2Error) else "TrainingError"
+            outcome = ("error", (name, str(exc) if isinstance(exc, errors.SimCLRv2Error)
+                                 else f"rank 0 failed: {type(exc).__name__}: {str(exc)[:300]}"))
+    outcome = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    kind, value = outcome
+    if kind == "error":
+        name, message = value
+        cls = getattr(errors, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.SimCLRv2Error)):
+            cls = errors.TrainingError
+        raise cls(message)
+    return value
 
 
 def cleanup_distributed() -> None:
