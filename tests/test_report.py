@@ -43,3 +43,74 @@ def test_results_keep_every_seed_mean_and_std_and_the_table_shows_them():
     assert cell["seeds"]["2"]["top1"] == 0.84 and cell["num_seeds"] == 3
     assert "82.0 ± 2.0 (92.0)" in format_table(table)
     assert "mean ± std over 3 seeds" in format_table(table)
+
+
+# ------------------------------------------------------------------------- report.html in a real browser
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def fake_pipeline_run(root: Path) -> None:
+    """Stage directories with results and logs as the stages write them (no training)."""
+    from simclrv2.config import build_config
+    from simclrv2.training.report import write_report
+    classes = [str(i) for i in range(10)]
+    stages, per = [], {}
+    base = {"finetune": 0.8, "distill": 0.78, "supervised": 0.2, "linear_eval": 0.82}
+    for key in ("0.02", "0.1"):
+        for seed in (0, 1):
+            for kind, top1 in base.items():
+                name = f"{kind}_{key}" + ("" if seed == 0 else f"_seed{seed}")
+                top1 = top1 + 0.05 * (key == "0.1") + 0.01 * seed
+                confusion = [[30 if i == j else (1 if j == (i + 1) % 10 else 0) for j in range(10)]
+                             for i in range(10)]
+                (root / name / "logs").mkdir(parents=True)
+                (root / name / "results.json").write_text(json.dumps({
+                    "top1": top1, "top5": 0.99, "num_images": 310, "classes": classes, "confusion": confusion,
+                    "per_class_top1": {c: 30 / 31 for c in classes}, "steps": 41, "train_images": 30,
+                    "num_labeled": 30, "arch": "r18_1x_sk0", "ft_proj_selector": 1, "alpha": 1.0}))
+                (root / name / "logs" / "metrics.jsonl").write_text("".join(
+                    json.dumps({"step": s, "train/loss": 2.0 / s, "train/lr": 0.1}) + "\n" for s in range(1, 40, 5))
+                    + json.dumps({"step": 41, "eval/top1": top1, "eval/final": 1.0}) + "\n")
+                stages.append({"name": name, "kind": kind, "method": kind, "label_key": key, "seed": seed,
+                               "dir": name, "seconds": 3.0})
+                per.setdefault(kind, {}).setdefault(key, {})[str(seed)] = {"top1": top1, "top5": 0.99}
+    (root / "pretrain" / "logs").mkdir(parents=True)
+    (root / "pretrain" / "results.json").write_text(json.dumps({"train_images": 1500}))
+    (root / "pretrain" / "logs" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "train/contrast_loss": 9 - s / 10, "monitor/knn_top1": 0.3 + s / 200}) + "\n"
+        for s in range(6, 60, 6)))
+    stages.insert(0, {"name": "pretrain", "kind": "pretrain", "method": None, "label_key": None, "seed": 0,
+                      "dir": "pretrain", "seconds": 60.0})
+    from simclrv2.training.report import aggregate_seeds
+    write_report(root, aggregate_seeds(per), stages=stages, comparisons=compare_methods(per),
+                 pipe=build_config("pipeline", None, {"data": "digits", "seeds": 2}), wall_seconds=100.0)
+
+
+def test_report_html_holds_the_markdown_text_and_embeds_every_plot(tmp_path):
+    fake_pipeline_run(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    images = md.count("](") 
+    assert images == 4 and html.count('src="data:image/png;base64,') == 4
+    assert "Linear evaluation (frozen r18_1x_sk0 encoder)" in md and "fine-tuned from head layer 1" in md
+    assert "Stages that made things worse" in md and "below linear evaluation" in md
+
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_report_html_renders_with_its_plots_in_headless_chromium(tmp_path):
+    fake_pipeline_run(tmp_path)
+    shot = tmp_path / "screenshot.png"
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,4200", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    from PIL import Image
+    image = Image.open(shot).convert("RGB")
+    colours = image.resize((120, 420)).getcolors(maxcolors=120 * 420)
+    coloured = sum(n for n, (r, g, b) in colours if max(r, g, b) - min(r, g, b) > 60)   # plot lines, bars
+    assert coloured > 200, "no coloured pixels: the embedded plots did not render"
