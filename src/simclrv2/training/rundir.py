@@ -186,7 +186,7 @@ def _symlinks_inside(path: Path, limit: int = 3) -> list[str]:
 
 def _looks_like_old_run(entries: set[str]) -> bool:
     """A run directory written before run markers existed."""
-    return "config.yaml" in entries and bool(entries & {"checkpoints", "results.json", "logs"})
+    return "config.yaml" in entries and bool(entries & {"checkpoints", "logs"})
 
 
 def _move_aside(path: Path, entries: list[str]) -> Path:

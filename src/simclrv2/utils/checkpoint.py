@@ -135,8 +135,9 @@ def _write_atomically(path: str | Path, write: Callable[[Path], None], *, sync_d
         write(tmp)
         os.replace(tmp, path)  # replaces a symlink named `path`, never follows it
     except (RuntimeError, SafetensorError) as exc:
+        error = as_os_error(exc, path)  # before the removal frees the space it looks at
         _remove_quietly(tmp)
-        raise as_os_error(exc, path) from exc
+        raise error from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
