@@ -234,9 +234,14 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
     images = results.get("train_images")
     peak = _peak_lr(stage_dir)
     used = min(int(batch), int(images)) if isinstance(batch, int) and isinstance(images, int) else batch
-    facts = f"it ran {steps} optimiser steps ({epochs:g} epochs of {images} images at batch {used}" \
-        if isinstance(epochs, (int, float)) else f"it ran {steps} optimiser steps ("
-    facts += f", peak learning rate {peak:.3g})" if peak is not None else ")"
+    details = []
+    if isinstance(epochs, (int, float)):
+        details.append(f"{epochs:g} epochs")
+    if images is not None:
+        details.append(f"{images} images" + (f" at batch {used}" if used is not None else ""))
+    if peak is not None:
+        details.append(f"peak learning rate {peak:.3g}")
+    facts = f"it ran {steps} optimiser steps" + (f" ({', '.join(details)})" if details else "")
     if method == "finetune":
         if isinstance(steps, int) and steps < 200:
             return (f"Likely cause: too few optimiser steps: {facts}. Change: raise --finetune-epochs, or set "
@@ -244,10 +249,10 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
         return (f"Likely cause: the learning rate or the head layer: {facts}. Change: lower `finetune: "
                 "{learning_rate: ...}`, or try --ft-proj-selector 0.")
     if method.startswith("distill"):
-        init = cfg.get("init_student")
-        alpha = cfg.get("alpha")
+        init = cfg.get("init_student", results.get("init_student"))
+        alpha = cfg.get("alpha", results.get("alpha"))
         start = "from the pretrained encoder" if init else "from scratch (the paper's choice, for 400 epochs)"
-        return (f"Likely cause: the distillation budget: {facts}, the student starting {start}, alpha {alpha}). "
+        return (f"Likely cause: the distillation budget: {facts}, the student starting {start}, alpha {alpha}. "
                 "Change: raise --distill-epochs, start the student from the pretrained encoder (--init-student "
                 "pretrained), or mix in the labels with `distill: {alpha: 0.5}` (paper Eq. 3).")
     return f"{facts}."
@@ -324,7 +329,7 @@ def plot_accuracy_vs_fraction(table: dict[str, Any], out: Path, *, titles: dict[
         return None
     plt = _plt()
     from matplotlib.ticker import FixedLocator, NullLocator
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    fig, ax = plt.subplots(figsize=(7, 5.2))
     methods = ordered_methods(table)
     for i, method in enumerate(methods):
         keys = [k for k in numeric if k in table[method]]
@@ -351,7 +356,7 @@ def plot_accuracy_vs_fraction(table: dict[str, Any], out: Path, *, titles: dict[
     ax.set_ylabel("top-1 accuracy on the test split (%)")
     ax.set_title("Label efficiency (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
