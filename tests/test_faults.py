@@ -1,0 +1,142 @@
+"""Real faults in real processes: SIGKILL at EVERY checkpoint-writing call in turn, and SIGTERM.
+
+The write points are not hand-picked: a Python audit hook (``sys.addaudithook``; events ``open``
+for writing, ``os.rename``/``os.replace``, ``os.remove``, ``os.mkdir``, ``os.rmdir``, ``shutil.rmtree``)
+counts every file-system change under ``OUT/checkpoints`` and to ``OUT/model.safetensors`` during an
+uninterrupted run. Then, for each i, a fresh process runs the same command and SIGKILLs itself at
+the i-th such call; ``--resume`` must then finish with exactly the uninterrupted run's weights
+(CPU, fp32, one thread: bit-exact) and leave no temporary file. One driver process imports torch
+once and forks a child per run, which keeps ~2 x N runs within seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DRIVER = r'''
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+import simclrv2.training.pretrain as P
+P.PretrainTrainer.monitor_knn = lambda self, step: None
+from simclrv2.cli.main import main
+from safetensors.torch import load_file
+
+base, root = json.loads(sys.argv[1]), sys.argv[2]
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree")
+
+def run(out, kill_at=None, record=None):
+    pid = os.fork()
+    if pid == 0:
+        watched = (os.path.join(out, "checkpoints"), os.path.join(out, "model.safetensors"),
+                   os.path.join(out, ".model.safetensors"))
+        seen = []
+        def hook(event, args):
+            if event == "open":
+                if not isinstance(args[0], (str, bytes, os.PathLike)) or not (args[2] or 0) & WRITE_FLAGS:
+                    return
+            elif event not in EVENTS:
+                return
+            path = os.fsdecode(args[0]) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
+            if not path.startswith(watched):
+                return
+            seen.append(f"{event} {os.path.relpath(path, out)}")
+            if len(seen) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        sys.addaudithook(hook)
+        sys.stdout = open(os.devnull, "w")
+        code = main(base + ["--out", out])
+        if record:
+            with open(record, "w") as handle:
+                json.dump(seen, handle)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+ref = os.path.join(root, "reference")
+assert run(ref, record=os.path.join(root, "events.json")) == 0
+events = json.load(open(os.path.join(root, "events.json")))
+want = weights(ref)
+report = {"events": events, "cases": []}
+for i in range(1, len(events) + 1):
+    out = os.path.join(root, f"kill{i:03d}")
+    killed = run(out, kill_at=i)
+    resumed = run(out)
+    got = weights(out) if resumed == 0 else {}
+    same = resumed == 0 and got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    temporaries = [str(p) for p in __import__("pathlib").Path(out).rglob("*") if ".tmp" in p.name]
+    report["cases"].append({"at": events[i - 1], "killed": killed, "resumed": resumed, "same": same,
+                            "temporaries": temporaries})
+print(json.dumps(report))
+'''
+
+BASE = ["pretrain", "--data", "digits", "--image-size", "16", "--max-per-class", "2", "--batch-size", "8",
+        "--schedule-steps", "2", "--checkpoint-every", "1", "--knn-every", "1000000", "--no-progress",
+        "--device", "cpu", "--precision", "fp32", "--log-every", "1", "--resume"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_at_every_checkpoint_write_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(BASE), str(tmp_path)], env=_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    events = report["events"]
+    # every kind of write point of a checkpoint and of the export is enumerated, two checkpoints' worth
+    kinds = {e.split()[0] for e in events}
+    assert {"open", "os.rename", "os.mkdir"} <= kinds, events
+    assert sum("latest" in e and e.startswith("os.rename") for e in events) == 2, events
+    bad = [c for c in report["cases"] if c["killed"] != -signal.SIGKILL or c["resumed"] != 0 or not c["same"]
+           or c["temporaries"]]
+    assert not bad, f"{len(bad)} of {len(events)} write points lose or change data: {bad[:3]}"
+
+
+_SIGTERM_CLI = ("import sys, simclrv2.training.pretrain as P; P.PretrainTrainer.monitor_knn = lambda self, step: None; "
+                "from simclrv2.cli.main import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path: Path) -> None:
+    """What a scheduler sends before pre-emption: the step in progress ends, a checkpoint is written
+    (although --checkpoint-every is far away), the exit code is 143, and --resume continues there."""
+    out = tmp_path / "run"
+    args = [a for a in BASE if a != "--resume"]
+    args[args.index("--schedule-steps") + 1] = "400"
+    args[args.index("--checkpoint-every") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CLI, *args, "--out", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "logs" / "metrics.jsonl", time.monotonic() + 180
+    try:
+        while not (log.is_file() and log.read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no training step within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "received SIGTERM; saved a checkpoint at step" in err
+    meta = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "meta.json")
+                      .read_text())
+    assert 2 <= meta["step"] < 400
+    resumed = subprocess.run([sys.executable, "-c", _SIGTERM_CLI, *args, "--out", str(out), "--resume",
+                              "--max-steps", str(meta["step"] + 1)], env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing from step {meta['step']}" in resumed.stdout
