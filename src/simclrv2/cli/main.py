@@ -14,7 +14,8 @@ from dataclasses import fields
 from typing import Any, Callable, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import Config, build_config, check_applies, field_kind, fields_for_stage, load_yaml
+from simclrv2.config import Config, build_config, check_applies, field_kind, fields_for_stage, load_yaml, \
+    stage_defaults
 from simclrv2.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, SimCLRv2Error, TrainingError
 
 DESCRIPTIONS = {
@@ -65,7 +66,7 @@ def add_config_options(parser: argparse.ArgumentParser, stage: str) -> None:
         meta = f.metadata
         flag = "--" + f.name.replace("_", "-")
         kind = _annotation_base(f.type)
-        default = getattr(defaults, f.name)
+        default = stage_defaults(stage).get(f.name, getattr(defaults, f.name))  # e.g. pipeline: resume on
         help_text = meta["help"]
         if default is not None and kind is not bool and f.name not in ("epochs",):
             help_text += f" [default: {default}]"
