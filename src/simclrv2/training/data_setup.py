@@ -169,12 +169,14 @@ def labeled_indices_for(train: ImageSource, spec: LabelSpec) -> torch.Tensor:
 
 
 def prepare_data(cfg: Config, *, need_test: bool = True, need_train: bool = True, unlabeled_pool: bool = False,
-                 label_spec: LabelSpec | None = None) -> RunData:
+                 label_spec: LabelSpec | None = None, with_pool: bool = True) -> RunData:
     """Load the labelled training images (+ the ``--unlabeled`` pools when the stage accepts them),
     the test split, and choose the labelled subset (SPEC §0 step 2).
 
     ``label_spec``: the labelled set to use (default: from the options); distill and linear-eval pass
-    the one recorded in their teacher/checkpoint. ``need_train=False`` (evaluate) loads only the
+    the one recorded in their teacher/checkpoint. ``with_pool=False``: stages that train on labelled images
+    only (finetune, supervised, linear-eval) skip the ``--unlabeled`` folders a pipeline hands every
+    stage. ``need_train=False`` (evaluate) loads only the
     evaluation split, so a folder holding only ``val/`` or ``test/`` can be scored."""
     image_size = default_image_size(cfg)
     estimate = native_image_size(cfg.data, unlabeled=cfg.unlabeled, labels=cfg.labels)
@@ -200,7 +202,7 @@ def prepare_data(cfg: Config, *, need_test: bool = True, need_train: bool = True
             raise DataError(f"data: the class lists of the training labels ({_names(labeled_source.classes)}) and "
                             f"of the test split ({_names(test.classes)}) differ")
     pool = None
-    unlabeled = list(cfg.unlabeled or []) if need_train else []
+    unlabeled = list(cfg.unlabeled or []) if (need_train and with_pool) else []
     if unlabeled:
         from simclrv2.data.datasets import canvas_for_image_size
         from simclrv2.data.pools import load_unlabeled_pool

@@ -70,7 +70,7 @@ def finetune(cfg: Config) -> dict[str, Any]:
                           f"--image-size {cfg.image_size}")
     cfg = cfg.replace(image_size=src_meta["image_size"], arch=src_meta["arch"])
     run = RunDirectory.create(cfg, "finetune", rt.is_main)
-    data = prepare_data(cfg, need_test=True)
+    data = prepare_data(cfg, need_test=True, with_pool=False)
     # No classes check against the checkpoint: fine-tuning starts a new zero classifier, so a network
     # pretrained without labels, or on other classes (its online probe's), fine-tunes on any labelled set.
     net, meta, _ = build_finetune_network(cfg.checkpoint, data.num_classes, cfg.ft_proj_selector, data.classes)
@@ -84,7 +84,7 @@ def supervised(cfg: Config) -> dict[str, Any]:
     """``simclrv2 supervised``: the from-scratch baseline on the labelled subset."""
     rt = setup_runtime(cfg)
     run = RunDirectory.create(cfg, "supervised", rt.is_main)
-    data = prepare_data(cfg, need_test=True)
+    data = prepare_data(cfg, need_test=True, with_pool=False)
     meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
                       num_classes=data.num_classes, classes=data.classes, stage="supervised")
     net = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0, num_classes=data.num_classes,

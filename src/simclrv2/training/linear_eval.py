@@ -73,7 +73,7 @@ def linear_eval(cfg: Config) -> dict[str, Any]:
     if cfg.image_size != src_meta["image_size"]:
         raise ConfigError(f"image_size: the checkpoint was trained at {src_meta['image_size']} px")
     run = RunDirectory.create(cfg, "linear-eval", rt.is_main)
-    data = prepare_data(cfg, need_test=True,
+    data = prepare_data(cfg, need_test=True, with_pool=False,
                         label_spec=inherited_label_spec(cfg, _usable_record(src_meta, cfg), "checkpoint"))
     if not len(data.labeled_indices):
         from simclrv2.errors import DataError
