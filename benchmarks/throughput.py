@@ -23,6 +23,11 @@ What is measured, in ONE run on the same machine, same batch and the same number
   lightly's ``SimCLRProjectionHead(512, 512, 128, num_layers=3)`` (our head's depth/width),
   ``NTXentLoss(temperature=0.1)``, fp32, default (NCHW) layout, one forward per view and
   SGD(lr 0.06, momentum 0.9, weight decay 5e-4) as in lightly's SimCLR examples/benchmarks.
+* **lightly at its best** (``lightly_best``): the same, as a lightly user tunes it on a CPU:
+  channels_last, plus bf16 autocast (Lightning's ``precision="bf16-mixed"``) where the CPU has
+  native bf16; fp32 + channels_last where it does not (emulated bf16 is ~10x slower than fp32 on an
+  AVX2 CPU). ``--peer-best`` forces either. ``pretrain_speedup_vs_lightly_best`` compares with the
+  faster of the two lightly workers.
 
 Each variant runs in its OWN worker process (so allocator state, caches and peak memory are its
 own), all driven in lockstep by this process: one step at a time, never two at once.  After
@@ -35,11 +40,20 @@ every raw time are in the JSON.
 Roofline: FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one full step of
 each network (its first warm-up step): forward + backward convolutions and matrix products;
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
-"model FLOPs").  Peaks: ``torch.mm`` on square matrices (2048, 4096; B row- and column-major),
-bf16 and fp32, best over sizes/layouts/rounds.  ``roofline_fraction`` = our step's FLOP/s / bf16
-matmul peak.  For context a bf16 3x3 convolution probe is timed too: on the 2-core AVX-512-BF16
-CPU we measured, oneDNN's convolutions ran ~1.4x faster than its square matrix products, so
-"fraction of the conv probe" is the stricter figure.
+"model FLOPs").  Kernel probes, timed in the same rounds: ``torch.mm`` on square matrices (2048,
+4096; B row- and column-major) and forward 3x3 convolutions shaped like the network's four stages
+(``CONV_PROBES``, channels_last), in bf16 (only where it is native) and fp32.
+``roofline_fraction`` = our step's FLOP/s / the best rate of any probe (the best kernel the
+machine showed in this run); ``theoretical_peak_fraction`` = our FLOP/s / (cores x clock x
+FLOP/cycle of the ISA oneDNN uses: AVX2, AVX-512, AVX-512-BF16, AMX), see ``theoretical_peaks``.
+
+Host: the JSON records CPU model/family/flags, threads, oneDNN version, ISA and the kernels it
+picks (``amx_in_use``), torch version, and the load average before and after (runs with a load above
+half the CPU count are marked BUSY: absolute times inflated, interleaved ratios less so). Results go
+to ``results/throughput-<host kind>[-quick].json``, one file per host kind.
+
+``--stages`` / ``--stages-only``: fine-tuning, distillation (teacher + student), evaluation and
+prediction steps vs a plain fp32 PyTorch loop on the same network (``stage_benchmarks``).
 
 Peak memory: each worker records its RSS after imports and input creation, resets the kernel's
 high-water mark (``/proc/self/clear_refs``; ``ru_maxrss`` where that is not possible) and reports
@@ -50,7 +64,8 @@ not count.
 Usage::
 
     python benchmarks/throughput.py                 # batch 256, 6 timed rounds (several minutes)
-    python benchmarks/throughput.py --quick         # batch 256, 2 timed rounds (< 2 minutes)
+    python benchmarks/throughput.py --quick         # batch 256, 2 timed rounds (minutes; more on AVX2)
+    python benchmarks/throughput.py --stages-only --quick
     python benchmarks/throughput.py --batch-size 128 --steps 5 --warmup 1 --out /tmp/t.json
     python benchmarks/throughput.py --ablate-malloc # + our step with glibc's default malloc policy
 """
