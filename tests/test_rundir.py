@@ -201,3 +201,22 @@ def test_real_full_disk_in_safetensors_and_torch_save_is_an_os_error(tiny_fs):
         manager.save(1, weights={"model": {"w": torch.zeros(8)}}, state={"step": 1, "big": big["w"]}, meta={})
     assert info.value.errno == errno.ENOSPC
     assert not [p for p in tiny_fs.rglob("*") if ".tmp" in p.name] and manager.latest() is None
+
+
+def test_folder_walk_survives_symlink_loops_skips_fifos_and_reports_duplicates(tmp_path):
+    """Two symlink loops and a link to a sibling once listed images many times (or never ended); a FIFO
+    blocked start-up. Each directory is now entered once, the FIFO is ignored, duplicates are reported."""
+    from PIL import Image
+    from simclrv2.data.folders import list_images
+    root = tmp_path / "train" / "a"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / f"{i}.png")
+    (root / "loop").symlink_to(root)
+    (root / "up").symlink_to(tmp_path / "train")
+    (root / "again.png").symlink_to(root / "0.png")
+    os.mkfifo(root / "pipe.png")
+    ignored, duplicates = [], []
+    images = list_images(tmp_path / "train", ignored, duplicates)
+    assert sorted(p.name for p in images) == ["0.png", "1.png", "2.png"]
+    assert [p.name for p in duplicates] == ["again.png"] and [p.name for p in ignored] == ["pipe.png"]

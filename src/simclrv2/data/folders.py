@@ -12,6 +12,7 @@ resource forks) are skipped because they are not decodable images.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -39,17 +40,54 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
-    """All image files below ``folder`` (recursively), sorted by relative POSIX path.
+def list_images(folder: Path, ignored: list[Path] | None = None,
+                duplicates: list[Path] | None = None) -> list[Path]:
+    """All image files below ``folder`` (recursively, following directory links), sorted by relative
+    POSIX path.
 
-    Visible files with other extensions are appended to ``ignored`` when it is given (hidden
-    ones are skipped silently)."""
-    found = []
+    Each directory is entered once, by device + inode, so a symlink loop or two links to one folder
+    cannot list images again and again (or walk forever); a file reached twice (hard or symbolic
+    link) is listed once and appended to ``duplicates`` when given. Special files (FIFOs, sockets,
+    devices: opening a FIFO would block start-up) are never listed; they and visible files with other
+    extensions are appended to ``ignored`` when it is given (hidden ones are skipped silently)."""
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
-        if ignored is not None:
-            ignored.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and not _is_image(f))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                if ignored is not None:
+                    ignored.append(path)
+                continue
+            if not _is_image(name):
+                if ignored is not None:
+                    ignored.append(path)
+                continue
+            if st is not None:
+                key = (st.st_dev, st.st_ino)
+                if key in seen_files:
+                    if duplicates is not None:
+                        duplicates.append(path)
+                    continue
+                seen_files.add(key)
+            found.append(path)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
