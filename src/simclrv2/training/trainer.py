@@ -361,6 +361,11 @@ class Trainer:
             if self._saved_step != self.step:  # a finished run resumed again writes nothing new
                 self.save_checkpoint()
         except RuntimeError as exc:
+            if not isinstance(exc, TrainingError) and "DataLoader worker" in str(exc):
+                # a decoding worker killed (OOM killer, signal) or crashed: the loop cannot go on
+                raise TrainingError(f"an image-decoding worker stopped ({str(exc).splitlines()[0][:200]}); the "
+                                    f"last complete checkpoint is kept ({self.run.checkpoints.latest() or 'none yet'})."
+                                    " Lower --num-workers or free memory, then --resume") from exc
             if (not isinstance(exc, TrainingError) and dist_utils.is_distributed()
                     and dist_utils.is_peer_failure(exc)):
                 raise TrainingError(dist_utils.peer_failure_message(exc)) from exc
