@@ -220,3 +220,13 @@ def test_folder_walk_survives_symlink_loops_skips_fifos_and_reports_duplicates(t
     images = list_images(tmp_path / "train", ignored, duplicates)
     assert sorted(p.name for p in images) == ["0.png", "1.png", "2.png"]
     assert [p.name for p in duplicates] == ["again.png"] and [p.name for p in ignored] == ["pipe.png"]
+
+
+def test_a_memory_request_beyond_the_machine_is_refused_before_allocating():
+    from simclrv2.training.runtime import available_memory, check_allocation
+    free = available_memory(torch.device("cpu"))
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    check_allocation(1 << 20, "a small buffer", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="memory_size.*more than"):
+        check_allocation(free * 4, "memory_size: huge", torch.device("cpu"))

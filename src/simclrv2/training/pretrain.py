@@ -169,6 +169,10 @@ class PretrainTrainer(Trainer):
         probe_scale = (PROBE_BASE_LR * plan.global_batch / 256) / plan.peak_lr
         self.optimizer = build_optimizer(cfg, net, plan.peak_lr, classifier_lr_scale=probe_scale)
         self.ema = ModelEMA(net, decay=cfg.ema_decay) if cfg.memory_size > 0 else None
+        if cfg.memory_size > 0:  # float32 keys (+ the queue's copy on the device), checked before allocating
+            from simclrv2.training.runtime import check_allocation
+            check_allocation(2 * 4 * cfg.memory_size * cfg.proj_out_dim, f"memory_size: {cfg.memory_size} keys",
+                             rt.device)
         self.queue = NegativeQueue(cfg.memory_size, cfg.proj_out_dim).to(rt.device) if cfg.memory_size > 0 else None
         self.step_fn = PretrainStep(self.model, self.optimizer, rt, temperature=cfg.temperature,
                                     weight_decay=cfg.weight_decay or 0.0, ema=self.ema, queue=self.queue,

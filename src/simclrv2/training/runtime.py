@@ -158,6 +158,29 @@ def setup_runtime(cfg: Config) -> Runtime:
                    world_size=world_size, local_rank=local_rank)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: free memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_allocation(nbytes: int, what: str, device: torch.device) -> None:
+    """Refuse (ConfigError, exit 2) a single allocation larger than the memory the machine has left,
+    BEFORE it is attempted, instead of an allocator traceback or the kernel's OOM killer."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise ConfigError(f"{what} needs {nbytes / 2**30:.1f} GiB of {device.type} memory, more than the "
+                          f"{free / 2**30:.1f} GiB available; choose a smaller value")
+
+
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
