@@ -223,3 +223,15 @@ def test_save_weights_is_atomic_and_keeps_metadata(tmp_path):
     assert torch.equal(tensors["a"], torch.arange(6.0).view(2, 3).t())
     assert meta == {"arch": "r50_1x_sk0", "classes": ["x", "y"]}
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("meta", [{"arch": 5, "image_size": 16, "num_proj_layers": 3},
+                                  {"arch": "r18_1x_sk0", "image_size": "16", "num_proj_layers": 3},
+                                  {"arch": "r18_1x_sk0", "image_size": 10**9, "num_proj_layers": 3},
+                                  {"arch": "r18_1x_sk0", "image_size": 16, "num_proj_layers": [3]},
+                                  {"arch": "r18_1x_sk0", "image_size": 16, "num_proj_layers": 3, "classes": "ab"}])
+def test_crafted_model_description_is_a_checkpoint_error(tmp_path, meta):
+    from simclrv2.training.model_io import load_network
+    save_weights({"w": torch.zeros(1)}, tmp_path / "model.safetensors", meta)
+    with pytest.raises(CheckpointError, match="invalid model description"):
+        load_network(tmp_path / "model.safetensors")
