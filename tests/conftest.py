@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 CLASS_COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
@@ -45,3 +46,13 @@ def image_folder(tmp_path: Path) -> Path:
 def make_image():
     """The :func:`write_image` helper, for tests that build their own odd files."""
     return write_image
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's in-process training single-threaded: the 2 cores are shared with the
+    processes the tests spawn, and one thread keeps fp32 results bit-exact across runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

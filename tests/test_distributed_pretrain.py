@@ -43,13 +43,7 @@ UPDATE_ATOL = 1e-7
 LOSS_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process parts run single-threaded too (the cores are shared with the spawned ranks)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port() -> int:

@@ -82,7 +82,7 @@ for i in range(1, len(events) + 1):
 print(json.dumps(report))
 '''
 
-BASE = ["pretrain", "--data", "digits", "--image-size", "16", "--max-per-class", "2", "--batch-size", "8",
+BASE = ["pretrain", "--data", "digits", "--arch", "r18_0.25x_sk0", "--image-size", "8", "--max-per-class", "2", "--batch-size", "8",
         "--schedule-steps", "1", "--checkpoint-every", "1", "--knn-every", "1000000", "--no-progress",
         "--device", "cpu", "--precision", "fp32", "--log-every", "1", "--resume"]
 

@@ -12,7 +12,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from simclrv2.cli.main import main
 from simclrv2.training.pretrain import KNN_TIME_BUDGET, PretrainTrainer
@@ -23,12 +22,7 @@ COMMON = ["pretrain", "--data", "digits", "--image-size", "8", "--max-per-class"
           "--checkpoint-every", "1000", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def knn_records(run) -> list[dict]:

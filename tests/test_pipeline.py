@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from simclrv2.cli.main import main
 from simclrv2.config import build_config
@@ -24,12 +23,7 @@ BASE = ["pipeline", "--data", "digits", "--image-size", "16", "--max-per-class",
         "--distill-epochs", "1", "--supervised-epochs", "1", "--seeds", "2", "--eval-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def results(path: Path) -> dict:

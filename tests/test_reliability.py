@@ -39,14 +39,7 @@ FAST = ["--data", "digits", "--image-size", "16", "--max-per-class", "2", "--bat
 """20 digit images at 16 px, batches of 8 (2 steps per epoch), no periodic kNN monitor."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores (plus decoding workers) more threads only oversubscribe,
-    which makes these tiny runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_image
 from simclrv2.cli.main import main
@@ -23,12 +22,7 @@ FAST = ["--image-size", "8", "--batch-size", "8", "--max-steps", "1", "--no-prog
 EVAL = ["--no-progress", "--device", "cpu", "--precision", "fp32", "--num-workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ PRETRAIN = ["pretrain", *COMMON, "--batch-size", "8", "--epochs", "1", "--schedu
 """40 images, 5 steps per epoch; the schedule is fixed at 4 steps whatever --max-steps says."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*args) -> None:

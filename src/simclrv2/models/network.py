@@ -97,6 +97,9 @@ class SimCLRNet(nn.Module):
             selected = selected.detach()
         return self.classifier(selected)
 
+    # The dict output (a list and possibly None entries) is what the training stages read; it is
+    # not a TorchScript type, so scripting compiles the single-tensor views (output_view) instead.
+    @torch.jit.unused
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
         hiddens = self.hiddens(x)
         projection = hiddens[-1] if len(hiddens) > 1 else None

@@ -261,16 +261,27 @@ class Stem(nn.Module):
         else:
             specs = [(3, full, 7, 2)]
         self.num_convs = len(specs)
-        for i, (cin, cout, k, s) in enumerate(specs, start=1):
-            self.add_module(f"conv{i}", Conv2dFixedPadding(cin, cout, k, s))
-            self.add_module(f"bn{i}", batch_norm_2d(cout))
+        # conv1..conv3 / bn1..bn3 always exist as attributes (None when the stem has fewer convs),
+        # so that forward() is plain attribute access that torch.jit.script accepts; a None module
+        # adds nothing to the state dict.
+        for i in range(1, 4):
+            conv = bn = None
+            if i <= len(specs):
+                cin, cout, k, s = specs[i - 1]
+                conv, bn = Conv2dFixedPadding(cin, cout, k, s), batch_norm_2d(cout)
+            self.add_module(f"conv{i}", conv)
+            self.add_module(f"bn{i}", bn)
         self.out_channels = specs[-1][1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pre_bn = x
-        for i in range(1, self.num_convs + 1):
-            pre_bn = getattr(self, f"conv{i}")(x)
-            x = F.relu(getattr(self, f"bn{i}")(pre_bn))
+        pre_bn = self.conv1(x)
+        x = F.relu(self.bn1(pre_bn))
+        if self.conv2 is not None and self.bn2 is not None:
+            pre_bn = self.conv2(x)
+            x = F.relu(self.bn2(pre_bn))
+        if self.conv3 is not None and self.bn3 is not None:
+            pre_bn = self.conv3(x)
+            x = F.relu(self.bn3(pre_bn))
         return pre_bn, x
 
 
@@ -346,6 +357,8 @@ class ResNet(nn.Module):
             self.add_module(f"block_group{g}", nn.Sequential(*blocks))
         self.feature_dim = in_ch
 
+    __jit_unused_properties__ = ["block_groups"]
+
     @property
     def block_groups(self) -> list[nn.Sequential]:
         """The four block groups, in order."""
@@ -365,10 +378,19 @@ class ResNet(nn.Module):
             taps["initial_conv"] = initial_conv
             # The reference also names the CIFAR stem's BN-ReLU output 'initial_max_pool'.
             taps["initial_max_pool"] = x
-        for g, group in enumerate(self.block_groups, start=1):
-            x = group(x)
-            if taps is not None:
-                taps[f"block_group{g}"] = x
+        # Spelled out group by group (not a loop over block_groups) so torch.jit.script accepts it.
+        x = self.block_group1(x)
+        if taps is not None:
+            taps["block_group1"] = x
+        x = self.block_group2(x)
+        if taps is not None:
+            taps["block_group2"] = x
+        x = self.block_group3(x)
+        if taps is not None:
+            taps["block_group3"] = x
+        x = self.block_group4(x)
+        if taps is not None:
+            taps["block_group4"] = x
         out = x.mean(dim=(2, 3))
         if taps is not None:
             taps["final_avg_pool"] = out
