@@ -224,7 +224,9 @@ def test_every_output_view_is_scriptable_and_equals_eager(models, kind):
 
     model = models[kind]
     x = torch.rand(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
-    for name in ("logits", "features", "projection"):
+    names = model.output_names()
+    assert {"logits", "features", "proj_1"} <= set(names), names
+    for name in names:
         view = model.output_view(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
