@@ -136,6 +136,26 @@ def _check_scan(report: ScanReport, strict: bool, warn: bool = True) -> None:
                 shown, f"; ... ({len(bad)} in all)" if len(bad) > 10 else "")
 
 
+def finish_folder_source(folder: FolderImageSource, report: ScanReport, *, cache: bool | str = "auto",
+                         num_workers: int = 2, progress: bool = False, strict: bool = False,
+                         max_cache_bytes: int | None = DEFAULT_CACHE_BYTES) -> ImageSource:
+    """A scanned folder as the source training reads: decoded into memory when it fits (or
+    ``cache=True``), else read from disk; then the scan report is checked (``strict``) and attached.
+    Shared by labelled folders (:func:`load_dataset`) and unlabelled pools (:mod:`.pools`)."""
+    if cache is True or (cache == "auto" and fits_in_memory(folder, max_cache_bytes)):
+        # Decoding everything finds what the header scan cannot (truncated files): add it to the report.
+        source: ImageSource = cache_in_memory(
+            folder, max_bytes=None, num_workers=num_workers, progress=progress, strict=False, report=report
+        )
+    else:
+        # Read from disk while training: a file that fails later is replaced, not fatal.
+        folder.skip_unreadable = True
+        source = folder
+    _check_scan(report, strict)
+    source.scan_report = report
+    return source
+
+
 def load_dataset(
     name_or_path: str | Path = DEFAULT_DATASET,
     *,
@@ -200,19 +220,8 @@ def load_dataset(
             root, split, image_size=image_size, canvas_size=canvas_size, max_per_class=max_per_class,
             strict=strict,
         )
-        report = folder.scan_report
-        if cache is True or (cache == "auto" and fits_in_memory(folder, max_cache_bytes)):
-            # Decoding everything finds what the header scan cannot (truncated files): add it to the report.
-            source = cache_in_memory(
-                folder, max_bytes=None, num_workers=num_workers, progress=progress, strict=False, report=report
-            )
-        else:
-            # Read from disk while training: a file that fails later is replaced, not fatal.
-            folder.skip_unreadable = True
-            source = folder
-        _check_scan(report, strict)
-        source.scan_report = report
-        return source
+        return finish_folder_source(folder, folder.scan_report, cache=cache, num_workers=num_workers,
+                                    progress=progress, strict=strict, max_cache_bytes=max_cache_bytes)
     if max_per_class is not None:
         source = _take_per_class(source, max_per_class)  # type: ignore[arg-type]
     return source

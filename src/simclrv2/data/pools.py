@@ -20,28 +20,14 @@ from pathlib import Path
 import torch
 
 from simclrv2.errors import DataError
-from .cache import DEFAULT_CACHE_BYTES, cache_in_memory, fits_in_memory
+from .cache import DEFAULT_CACHE_BYTES
+from .datasets import _check_scan, finish_folder_source
 from .folders import IMAGE_EXTENSIONS, list_images
 from .labels_csv import read_labels_csv
 from .scan import ScanReport, check_samples
 from .sources import Batch, FolderImageSource, ImageSource, IndexLike, TensorImageSource, as_index_tensor
 
 __all__ = ["ConcatImageSource", "combine_sources", "load_labels_csv", "load_unlabeled_pool"]
-
-
-def _finish(folder: FolderImageSource, report: ScanReport, *, num_workers: int, strict: bool,
-            max_cache_bytes: int) -> ImageSource:
-    """Decode into memory when it fits (as load_dataset does for folders), else read from disk."""
-    from .datasets import _check_scan
-    if fits_in_memory(folder, max_cache_bytes):
-        source: ImageSource = cache_in_memory(folder, max_bytes=None, num_workers=num_workers, strict=False,
-                                              report=report)
-    else:
-        folder.skip_unreadable = True
-        source = folder
-    _check_scan(report, strict)
-    source.scan_report = report
-    return source
 
 
 def load_unlabeled_pool(folders: Sequence[str | Path], canvas_size: int | tuple[int, int], *,
@@ -66,10 +52,10 @@ def load_unlabeled_pool(folders: Sequence[str | Path], canvas_size: int | tuple[
                 samples.append((file.absolute(), -1))
     report = ScanReport(", ".join(str(f) for f in folders))
     readable = check_samples(samples, report)
-    from .datasets import _check_scan
     _check_scan(report, strict=False, warn=False)
     pool = FolderImageSource(readable, classes, canvas_size)
-    return _finish(pool, report, num_workers=num_workers, strict=strict, max_cache_bytes=max_cache_bytes)
+    return finish_folder_source(pool, report, num_workers=num_workers, strict=strict,
+                                max_cache_bytes=max_cache_bytes)
 
 
 def load_labels_csv(csv_file: str | Path, canvas_size: int | tuple[int, int], *, image_size: int | None = None,
@@ -81,11 +67,11 @@ def load_labels_csv(csv_file: str | Path, canvas_size: int | tuple[int, int], *,
     base = Path(csv_file).expanduser().parent
     report = ScanReport(str(csv_file))
     readable = check_samples(samples, report, crop_size=image_size, relative_to=base)
-    from .datasets import _check_scan
     _check_scan(report, strict=False, warn=False)
     root = base if all(_inside(p, base) for p, _ in readable) else None
     source = FolderImageSource(readable, classes, canvas_size, root=root)
-    return _finish(source, report, num_workers=num_workers, strict=strict, max_cache_bytes=max_cache_bytes)
+    return finish_folder_source(source, report, num_workers=num_workers, strict=strict,
+                                max_cache_bytes=max_cache_bytes)
 
 
 def _inside(path: Path, base: Path) -> bool:
