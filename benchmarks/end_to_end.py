@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10"
@@ -58,41 +58,42 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def _build_subsample(cifar: Path, out: Path, train_per_class: int, test_per_class: int, key: str,
+                     place: Callable[[Path, Path], None]) -> Path:
+    """``out/{train,test}/<class>/`` with the first ``n`` CIFAR JPEGs of each class put there by
+    ``place(src, dest_file)``; built once per ``key`` (a ``.complete`` marker), then reused."""
+    done = out / ".complete"
+    want = f"{key} {train_per_class} {test_per_class}"
+    if done.exists() and done.read_text() == want:
+        return out
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for class_dir in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
+            dest = out / split / class_dir.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for src in sorted(class_dir.glob("*.jpg"))[:n]:
+                place(src, dest / src.name)
+    done.write_text(want)
+    return out
+
+
 def make_jpeg_folder(cifar: Path, out: Path, side: int, train_per_class: int, test_per_class: int) -> Path:
     """ROOT/{train,test}/<class>/*.jpg of CIFAR images upsampled to ``side`` px (made once, reused)."""
     from PIL import Image
 
-    done = out / ".complete"
-    want = f"{side} {train_per_class} {test_per_class}"
-    if done.exists() and done.read_text() == want:
-        return out
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
-            dest = out / split / class_dir.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for src in sorted(class_dir.glob("*.jpg"))[:n]:
-                with Image.open(src) as img:
-                    img.convert("RGB").resize((side, side), Image.BICUBIC).save(dest / src.name, quality=90)
-    done.write_text(want)
-    return out
+    def upsample(src: Path, dest: Path) -> None:
+        with Image.open(src) as img:
+            img.convert("RGB").resize((side, side), Image.BICUBIC).save(dest, quality=90)
+
+    return _build_subsample(cifar, out, train_per_class, test_per_class, f"{side}px", upsample)
 
 
 def subsample_cifar(cifar: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
     """Symlinked subsample (the test split too: the monitor's cost depends on its size)."""
-    done = out / ".complete"
-    want = f"{train_per_class} {test_per_class}"
-    if done.exists() and done.read_text() == want:
-        return out
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
-            dest = out / split / class_dir.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for src in sorted(class_dir.glob("*.jpg"))[:n]:
-                link = dest / src.name
-                if not link.exists():
-                    link.symlink_to(src.resolve())
-    done.write_text(want)
-    return out
+    def link(src: Path, dest: Path) -> None:
+        if not dest.exists():
+            dest.symlink_to(src.resolve())
+
+    return _build_subsample(cifar, out, train_per_class, test_per_class, "links", link)
 
 
 # ---- isolated step (worker process) -------------------------------------------------------------
