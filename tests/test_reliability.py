@@ -495,6 +495,40 @@ def test_huge_learning_rate_stops_cleanly(tmp_path, capsys, no_knn) -> None:
     assert latest is None or all_finite(latest)
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A real network file (r18_0.25x at 8 px, untrained) for linear evaluation to start from."""
+    from simclrv2.training.model_io import build_from_meta, export_model, model_meta
+    path = tmp_path_factory.mktemp("encoder") / "model.safetensors"
+    torch.manual_seed(0)
+    meta = {**model_meta(arch="r18_0.25x_sk0", image_size=8, num_proj_layers=2, proj_out_dim=16,
+                         stage="pretrain"), "data": "digits"}
+    return export_model(build_from_meta(meta), path, meta)
+
+
+LINEAR_EVAL = ["linear-eval", "--data", "digits", "--image-size", "8", "--max-per-class", "4", "--batch-size", "8",
+               "--epochs", "5", "--no-progress", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("learning_rate, why", [("1e30", "NaN or Inf at step 3"),  # the loss overflows
+                                                ("1e6", "its loss on its own training images is")])  # finite
+def test_linear_eval_with_a_diverging_learning_rate_stops_without_weights_or_accuracy(
+        learning_rate, why, tiny_encoder, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = run_cli([*LINEAR_EVAL, "--checkpoint", tiny_encoder, "--learning-rate", learning_rate,
+                                 "--out", out], capsys)
+    assert code == 1, err
+    assert "linear classifier diverged" in err and why in err and "--learning-rate" in err
+    assert "Traceback" not in err and "top-1" not in stdout
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    logged = (out / "logs" / "metrics.jsonl").read_text() if (out / "logs" / "metrics.jsonl").exists() else ""
+    assert "top1" not in logged and "NaN" not in logged
+    # the same run with the default learning rate finishes: the guard does not fire on a healthy run
+    code, stdout, err = run_cli([*LINEAR_EVAL, "--checkpoint", tiny_encoder, "--out", tmp_path / "ok"], capsys)
+    assert code == 0, err
+    assert "top-1" in stdout and (tmp_path / "ok" / "model.safetensors").is_file()
+
+
 # =============================================================================== 6. disk full / unwritable
 def test_unwritable_out_exits_2_before_work(tmp_path, capsys) -> None:
     blocker = tmp_path / "a-file"

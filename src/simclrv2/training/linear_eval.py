@@ -6,6 +6,12 @@ images are extracted once with the evaluation preprocessing and the linear layer
 the cached features (Nesterov momentum, lr 0.1·B/256, wd 1e-6, cosine, SPEC §5). Deviation,
 stated: the reference trains the linear layer on crop+flip augmented images; the cached-feature
 path uses centre-cropped images only, which is the usual fast protocol.
+
+NaN/Inf guard (as in every training stage): each step records a non-finite loss, and the first step
+where it happened, in device tensors (no host synchronisation per step); they are read at each log
+point and at the end, before the test split is evaluated and before anything is exported. A
+diverged run therefore stops with a :class:`~simclrv2.errors.TrainingError` (exit 1) naming the step
+and ``--learning-rate``, and leaves neither ``model.safetensors`` nor a top-1 figure behind.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from simclrv2.config import Config
-from simclrv2.errors import ConfigError
+from simclrv2.errors import ConfigError, TrainingError
 from simclrv2.models import LinearClassifier
 from simclrv2.optim import WarmupCosineSchedule, scale_learning_rate, steps_for
 from simclrv2.training.data_setup import inherited_label_spec, prepare_data
@@ -46,6 +52,8 @@ def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_cl
     gen = torch.Generator().manual_seed(seed)
     step = 0
     steps_per_epoch = max(1, n // batch_size)
+    # first step (1-based) whose loss was NaN/Inf, 0 while none was: updated on the device, read rarely
+    first_bad = torch.zeros((), dtype=torch.long, device=features.device)
     with tqdm(total=total, desc="linear-eval", unit="step", disable=not progress, leave=False) as pbar:
         while step < total:
             order = torch.randperm(n, generator=gen)
@@ -55,14 +63,51 @@ def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_cl
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 schedule.apply(optimizer, step)
                 loss = F.cross_entropy(classifier(features[idx]), labels[idx])
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad == 0), step + 1, first_bad)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 pbar.update(1)
                 if log is not None and (step % 50 == 0 or step == total):
+                    _check_finite(first_bad, classifier, step, learning_rate)
                     log(step, {"loss": float(loss.detach()), "lr": schedule.lr_at(step - 1)})
+    _check_finite(first_bad, classifier, step, learning_rate)
+    _check_converged(classifier, features, labels, num_classes, step, learning_rate)
     return classifier
+
+
+def _check_finite(first_bad: torch.Tensor, classifier: LinearClassifier, step: int, learning_rate: float) -> None:
+    """Raise :class:`TrainingError` (exit 1) when a loss so far, or the weights now, are NaN/Inf."""
+    bad_step = int(first_bad)
+    if bad_step == 0 and all(bool(torch.isfinite(p).all()) for p in classifier.parameters()):
+        return
+    where = f"at step {bad_step}" if bad_step else f"in the weights at or before step {step}"
+    raise TrainingError(f"the linear classifier diverged (NaN or Inf {where}); no model.safetensors and no "
+                        f"accuracy were written. Lower --learning-rate (it was {learning_rate:g})")
+
+
+#: A trained classifier whose loss on its own training features exceeds this multiple of the untrained
+#: (zero) classifier's loss, ln(num_classes), has diverged: the problem is convex and the cosine schedule
+#: ends at learning rate 0, so a healthy run ends below ln(num_classes).
+DIVERGED_LOSS_FACTOR = 2.0
+
+
+def _check_converged(classifier: LinearClassifier, features: torch.Tensor, labels: torch.Tensor,
+                     num_classes: int, step: int, learning_rate: float) -> None:
+    """Raise :class:`TrainingError` when the final classifier is far worse than the untrained one on the
+    images it was trained on (a learning rate so large that the weights blow up while staying finite)."""
+    if num_classes < 2:
+        return
+    with torch.no_grad():
+        loss = float(F.cross_entropy(classifier(features), labels))
+    untrained = math.log(num_classes)
+    if loss > DIVERGED_LOSS_FACTOR * untrained:
+        raise TrainingError(f"the linear classifier diverged: after step {step} its loss on its own training "
+                            f"images is {loss:.4g}, over {DIVERGED_LOSS_FACTOR:g}x the {untrained:.3g} of the "
+                            "untrained classifier; no model.safetensors and no accuracy were written. Lower "
+                            f"--learning-rate (it was {learning_rate:g})")
 
 
 def linear_eval(cfg: Config) -> dict[str, Any]:
