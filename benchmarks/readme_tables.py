@@ -6,6 +6,14 @@ README.md. Tables:
 
 - ``cifar10``: ``benchmarks/results/cifar10_label_efficiency.json`` (the CIFAR-10 benchmark).
 - ``demo``: ``benchmarks/results/demo/results.json`` (a ``simclrv2 demo`` run), when it is committed.
+- ``throughput``: every ``benchmarks/results/throughput-*.json`` (``benchmarks/throughput.py``), one row
+  group per host kind, headed by the host it ran on (CPU, ISA, oneDNN kernels, threads, torch, precision,
+  settings, command and date when recorded, load average and whether the machine was busy).
+- ``stages``: every ``benchmarks/results/stages-*.json`` (``throughput.py --stages-only``).
+- ``end_to_end``: every ``benchmarks/results/end_to_end*.json`` (``benchmarks/end_to_end.py``).
+
+Every figure of the README's performance section is in one of these tables; the prose around them
+states no number of its own.
 
     python benchmarks/readme_tables.py           # rewrite the tables in README.md
     python benchmarks/readme_tables.py --check   # exit 1 if README.md differs from the result files
@@ -51,6 +59,232 @@ def accuracy_table(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- performance tables ---------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+#: how a target's bound is written: as a ratio (``1.5x``), a share (``70%``) or a change (``+10%``)
+TARGET_UNITS = {"pretrain_speedup_vs_lightly": "x", "pretrain_speedup_vs_lightly_best": "x",
+                "roofline_fraction": "%", "augment_speedup_224": "x", "peak_memory_ratio_vs_lightly": "",
+                "memory_queue_overhead": "+%"}
+
+
+def _target(key: str, spec: str | None, value: float | None) -> str:
+    """``">= 1.5"`` and a value -> ``"≥ 1.5x: met"``; the verdict is recomputed from the value shown."""
+    if not spec:
+        return ""
+    op, bound = spec.split()
+    unit = TARGET_UNITS.get(key, "")
+    shown = {"x": f"{float(bound):g}x", "%": _pct(float(bound)), "+%": f"+{_pct(float(bound))}"}.get(unit, bound)
+    sign = {">=": "≥", "<=": "≤"}[op]
+    if value is None:
+        return f"{sign} {shown}: not measured"
+    met = value >= float(bound) if op == ">=" else value <= float(bound)
+    return f"{sign} {shown}: {'met' if met else '**not met**'}"
+
+
+def _load_text(payload: dict, cpu_count: int | None) -> str:
+    """The load average the result file recorded, and its own busy/quiet verdict when it has one."""
+    env = payload.get("environment", {})
+    before = env.get("load_average_before", payload.get("load_average_before"))
+    after = env.get("load_average_after", payload.get("load_average_after"))
+    if before is None and after is None and env.get("load_average"):
+        return (f"load average {env['load_average'][0]:.2f} at the end of the run on {cpu_count} CPUs "
+                "(not recorded before it)")
+    verdict = env.get("machine_busy")
+    note = payload.get("machine_note") or env.get("note", "")
+    busy = verdict if verdict is not None else note.startswith("BUSY")
+    text = (f"load average {before[0]:.2f} before, {after[0]:.2f} after on {cpu_count} CPUs"
+            if before and after else "load average not recorded")
+    if busy or note.startswith("BUSY"):
+        return f"**BUSY machine** ({text}: other processes shared the CPUs; absolute rates are low)"
+    return f"quiet machine ({text})"
+
+
+def _host_text(host: dict | None, env: dict) -> str:
+    """The host a result came from: CPU, ISA flags, oneDNN ISA and kernels, threads."""
+    if not host:
+        return (f"{env.get('cpu')}, {env.get('cpu_count')} CPUs, flags {', '.join(env.get('cpu_flags', []))}; "
+                "oneDNN ISA, kernels and thread count not recorded (earlier benchmark version)")
+    dnn = host.get("onednn") or {}
+    kernels = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted((dnn.get("kernels") or {}).items()))
+    return (f"{host.get('cpu')} ({host.get('vendor')}, family {host.get('cpu_family')} model "
+            f"{host.get('cpu_model_number')}), {host.get('threads')} threads on {host.get('cpu_count')} CPUs, "
+            f"flags {', '.join(host.get('cpu_flags') or []) or 'none of AVX2/AVX-512'}; "
+            f"{dnn.get('version') or 'oneDNN'} ISA {dnn.get('isa')}, kernels {kernels or 'not recorded'}, "
+            f"AMX {'in use' if dnn.get('amx_in_use') else 'not in use'}")
+
+
+def _run_text(payload: dict, settings: str) -> str:
+    run = payload.get("run") or {}
+    if run.get("command"):
+        return f"`{run['command']}` on {run.get('date_utc', 'an unrecorded date')}"
+    return f"{settings}; command and date not recorded"
+
+
+def _best_kernel(payload: dict) -> tuple[float, str]:
+    """(GFLOP/s, name) of the fastest kernel probe the run timed (older files: matmul peaks + conv probe)."""
+    roofline = payload["roofline"]
+    if "best_kernel_gflops" in roofline:
+        return roofline["best_kernel_gflops"], roofline["best_kernel"]
+    rates = {f"mm_{tag}_{v['at']}": v["peak_gflops"] for tag, v in payload.get("matmul_peaks", {}).items()}
+    if payload.get("conv_probe_bf16"):
+        rates["bf16 3x3 conv probe"] = payload["conv_probe_bf16"]["best_gflops"]
+    name = max(rates, key=rates.get)
+    return rates[name], name
+
+
+def throughput_section(path: Path) -> str:
+    """The row group of one ``throughput-<host kind>.json``."""
+    r = json.loads(path.read_text())
+    env, c, p = r["environment"], r["config"], r["pretrain"]
+    host = env.get("host")
+    targets = {k: v["target"] for k, v in r.get("targets", {}).items()}
+    alt = r.get("alternative_estimates", {})
+    settings = (f"{'--quick, ' if c.get('quick') else 'full run, '}batch {c['batch_size']}, "
+                f"{c['warmup']} warm-up + {c['steps']} timed rounds")
+    lines = [f"**`{env.get('host_kind') or path.stem.removeprefix('throughput-').removesuffix('-quick')}`** "
+             f"(`{path.name}`): {_host_text(host, env)}; torch {env.get('torch')}; our step in "
+             f"{c['precision']}{', channels_last' if c.get('channels_last') else ''}; {_run_text(r, settings)}; "
+             f"{_load_text(r, env.get('cpu_count'))}.", "",
+             "| figure | value | target |", "|---|---|---|"]
+
+    def row(label: str, text: str, key: str | None = None, value: float | None = None) -> None:
+        lines.append(f"| {label} | {text} | {_target(key, targets.get(key), value) if key else ''} |")
+
+    ours = p["ours"]
+    row(f"our pretraining step ({c['arch']}, {c['image_size']} px)",
+        f"{ours['images_per_s']:.1f} img/s, {ours['achieved_gflops']:.1f} GFLOP/s")
+    if p.get("lightly"):
+        row("lightly as its examples run (fp32, NCHW)", f"{p['lightly']['images_per_s']:.1f} img/s")
+    best_peer = p.get("lightly_best")
+    if best_peer:
+        row(f"lightly at its best: {best_peer.get('config', c.get('peer_best'))}",
+            f"{best_peer['images_per_s']:.1f} img/s")
+    value = r.get("pretrain_speedup_vs_lightly")
+    if value is not None:
+        paired = alt.get("pretrain_speedup_paired_median")
+        row("speed-up vs lightly fp32", f"{value:.2f}x" + (f" (paired median {paired:.2f}x)" if paired else ""),
+            "pretrain_speedup_vs_lightly", value)
+    value = r.get("pretrain_speedup_vs_lightly_best")
+    paired = alt.get("pretrain_speedup_best_paired_median")
+    row("speed-up vs lightly at its best",
+        f"{value:.2f}x" + (f" (paired median {paired:.2f}x)" if paired else "") if value is not None
+        else "not measured (earlier benchmark version)", "pretrain_speedup_vs_lightly_best", value)
+    best_rate, best_name = _best_kernel(r)
+    achieved = r["roofline"]["achieved_gflops"]
+    text = f"{_pct(achieved / best_rate)} ({achieved:.1f} of {best_rate:.1f} GFLOP/s, {best_name})"
+    if "best_kernel_gflops" not in r["roofline"]:
+        text += (f"; the file's own `roofline_fraction`, {_pct(r['roofline_fraction'])}, divided by the "
+                 f"square-matmul peak ({r['roofline']['bf16_peak_gflops']:.1f} GFLOP/s), not the best kernel")
+    row("of the best kernel measured in the same run", text, "roofline_fraction", achieved / best_rate)
+    theo = r["roofline"].get("theoretical")
+    if theo and r.get("theoretical_peak_fraction") is not None:
+        per = theo["bf16_flop_per_cycle"] if c["precision"] == "bf16" else theo["fp32_flop_per_cycle"]
+        peak = theo["bf16_peak_gflops"] if c["precision"] == "bf16" else theo["fp32_peak_gflops"]
+        row("of the theoretical peak", f"{_pct(r['theoretical_peak_fraction'])} of {peak:.1f} GFLOP/s "
+            f"({theo['cores_used']} cores × {theo['clock_ghz']:.2f} GHz × {per} {c['precision']} FLOP/cycle)")
+    else:
+        row("of the theoretical peak", "not recorded")
+    emulated = (r.get("kernel_probes") or {}).get("bf16_emulated_probe")
+    if emulated:
+        fp32 = r["kernel_probes"]["best_per_precision"]["fp32"]["gflops"]
+        row("bf16 on this CPU (not native)", f"{emulated['gflops']:.1f} GFLOP/s ({emulated['shape']}) against "
+            f"{fp32:.1f} GFLOP/s for the best fp32 kernel: `--precision auto` uses fp32")
+    probe = r.get("precision_probe")
+    if probe:
+        rates = ", ".join(f"{k} {v:.1f} img/s" for k, v in (probe.get("images_per_s") or {}).items())
+        row("`--precision auto` probe", f"{probe['precision']} ({probe['reason']}{'; ' + rates if rates else ''})")
+    memory = r.get("memory", {})
+    value = r.get("peak_memory_ratio_vs_lightly")
+    if value is not None:
+        row("peak memory growth / lightly fp32's", f"{value:.2f} ({memory['ours']['growth_mb']:.0f} vs "
+            f"{memory['lightly']['growth_mb']:.0f} MB)", "peak_memory_ratio_vs_lightly", value)
+    value = r["memory_queue_overhead"]
+    row("momentum memory + EMA (queue 4096) overhead", f"{value * 100:+.1f}% of a step "
+        f"({p['ours_memory']['images_per_s']:.1f} img/s)", "memory_queue_overhead", value)
+    value = r["augment_speedup_224"]
+    row("our augmentation vs torchvision, 1 thread", f"{r['augment_speedup_32']:.1f}x at 32 px, {value:.1f}x "
+        "at 224 px", "augment_speedup_224", value)
+    verdicts = [_target(key, spec, row_value)
+                for key, spec, row_value in ((k, targets.get(k), v) for k, v in (
+                    ("pretrain_speedup_vs_lightly", r.get("pretrain_speedup_vs_lightly")),
+                    ("pretrain_speedup_vs_lightly_best", r.get("pretrain_speedup_vs_lightly_best")),
+                    ("roofline_fraction", achieved / best_rate),
+                    ("peak_memory_ratio_vs_lightly", r.get("peak_memory_ratio_vs_lightly")),
+                    ("memory_queue_overhead", r["memory_queue_overhead"]),
+                    ("augment_speedup_224", r["augment_speedup_224"]))) if spec]
+    met = sum(v.endswith(": met") for v in verdicts)
+    measured = sum(not v.endswith("not measured") for v in verdicts)
+    lines += ["", f"Targets met on this host: {met} of the {measured} measured"
+              + (f" ({len(verdicts) - measured} not measured)." if measured < len(verdicts) else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def stages_section(path: Path) -> str:
+    """Other stages vs a plain fp32 loop, from one ``stages-<host kind>.json``."""
+    r = json.loads(path.read_text())
+    st, host = r["stages"], r.get("host")
+    settings = (f"batch {st['batch']}, {st['image_size']} px, "
+                f"{st['arch']}, fastest of {st['rounds']} interleaved rounds")
+    lines = [f"**`{host.get('host_kind')}`** (`{path.name}`): {_host_text(host, {})}; torch {r.get('torch')}; "
+             f"ours in {st['precision']}, the plain loop {st['plain']}; {_run_text(r, settings)}; "
+             f"{_load_text(r, host.get('cpu_count'))}.", "",
+             "| stage | ours img/s | plain PyTorch fp32 img/s | ours / plain (paired median) |", "|---|---|---|---|"]
+    names = {"finetune": "fine-tuning", "distill": "distillation (teacher + student)", "evaluate": "evaluation",
+             "predict": "prediction (`make_runtime`)"}
+    for stage, label in names.items():
+        if stage in st:
+            d = st[stage]
+            lines.append(f"| {label} | {d['ours_images_per_s']:.1f} | {d['plain_fp32_images_per_s']:.1f} | "
+                         f"{d['speedup']:.2f}x ({d['paired_median_speedup']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+E2E_CASES = {"cifar32": "CIFAR-10 JPEGs", "jpeg224_at64": "224-px JPEGs", "jpeg224_at224": "224-px JPEGs"}
+
+
+def end_to_end_section(path: Path) -> str:
+    """``simclrv2 pretrain`` end to end vs the isolated step, from one ``end_to_end*.json``."""
+    r = json.loads(path.read_text())
+    s, host = r["settings"], r.get("host")
+    settings = (f"{'--quick, ' if s.get('quick') else ''}{s['train_per_class']} training and "
+                f"{s['test_per_class']} test images per class, batch {s['batch_size']}, {s['epochs']} epochs, "
+                f"{s['arch']}, {s['num_workers']} data workers")
+    isolated = "; ".join(
+        f"{case} {d['isolated']['before_runs']['images_per_s']:.1f} before and "
+        f"{d['isolated']['after_runs']['images_per_s']:.1f} after" for case, d in r["cases"].items()
+        if "before_runs" in d.get("isolated", {}))
+    lines = [f"**`{host.get('host_kind')}`** (`{path.name}`): {_host_text(host, {})}; torch {r.get('torch')}; "
+             f"{_run_text(r, settings)}; {_load_text(r, host.get('cpu_count'))}."
+             + (f" The isolated step (img/s, median) measured {isolated} the runs." if isolated else ""), "",
+             "| case | kNN monitor share of training: every epoch end (old) -> default | "
+             "end to end / isolated step: old -> default | first step / later median (default) |",
+             "|---|---|---|---|"]
+    for case, d in r["cases"].items():
+        runs = d["runs"]
+        old, new = runs.get("every-epoch"), runs.get("default")
+
+        def share(run: dict | None) -> str:
+            return "-" if run is None else (f"{_pct(run['knn_share_of_training'])} "
+                                            f"({_pct(run['epoch_end_knn_share_of_training'])} at epoch ends)")
+
+        def ratio(run: dict | None) -> str:
+            return "-" if run is None else _pct(run["e2e_vs_isolated"])
+
+        warm = f"{new['warmup']['first_step_vs_later']:.2f}" if new else "-"
+        lines.append(f"| {E2E_CASES.get(case, case)} at {d['image_size']} px | {share(old)} -> {share(new)} | "
+                     f"{ratio(old)} -> {ratio(new)} | {warm} |")
+    return "\n".join(lines) + "\n"
+
+
+def _joined(pattern: str, section) -> str | None:
+    files = sorted(RESULTS.glob(pattern))
+    return "\n".join(section(path) for path in files) if files else None
+
+
 def render(name: str) -> str | None:
     """The generated text of table ``name``, or None when its result file is not committed."""
     if name == "cifar10":
@@ -68,6 +302,12 @@ def render(name: str) -> str | None:
         seconds = json.loads((RESULTS / "demo" / "stage_seconds.json").read_text()) \
             if (RESULTS / "demo" / "stage_seconds.json").is_file() else {}
         return accuracy_table(table) + (f"All stages: {sum(seconds.values()) / 60:.1f} min.\n" if seconds else "")
+    if name == "throughput":
+        return _joined("throughput-*.json", throughput_section)
+    if name == "stages":
+        return _joined("stages-*.json", stages_section)
+    if name == "end_to_end":
+        return _joined("end_to_end*.json", end_to_end_section)
     raise KeyError(name)
 
 

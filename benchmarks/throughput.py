@@ -955,8 +955,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_record(argv: list[str] | None) -> dict[str, str]:
+    """The command line and the UTC start time of this run (the README's tables quote them)."""
+    words = sys.argv[1:] if argv is None else argv
+    return {"command": " ".join(["python benchmarks/throughput.py", *words]),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    record = run_record(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
@@ -965,7 +973,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages_only:
         before = load_average()
         host = host_info(torch.get_num_threads())
-        results = {"stages": stage_benchmarks(args.stage_batch, args.steps), "host": host,
+        results = {"run": record, "stages": stage_benchmarks(args.stage_batch, args.steps), "host": host,
                    "torch": torch.__version__, "load_average_before": before, "load_average_after": load_average()}
         busy = max(before[0] if before else 0, results["load_average_after"][0] if before else 0)
         results["machine_note"] = "BUSY machine" if busy > 0.5 * (os.cpu_count() or 1) else "quiet machine"
@@ -975,7 +983,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
         return
-    results = run(args)
+    results = {"run": record, **run(args)}
     print(render_table(results))
     if "stages" in results:
         print(render_stages(results["stages"]))
