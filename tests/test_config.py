@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from simclrv2.cli.main import build_parser, config_from_args
+from simclrv2.recipes import stage_schedule
 from simclrv2.config import ConfigError, build_config, load_yaml
 from simclrv2.utils.checkpoint import save_weights
 
@@ -51,9 +52,14 @@ def test_finetune_epochs_and_head_selector_follow_the_label_fraction(tmp_path, f
     values = {"checkpoint": str(_weights_file(tmp_path, "r50_1x_sk0"))}
     if fraction is not None:
         values["label_fraction"] = fraction
-    cfg = build_config("finetune", None, values)
-    assert cfg.epochs == epochs
+    cfg = build_config("finetune", None, {**values, "recipe": "reference"})
+    assert (cfg.epochs, cfg.batch_size) == (epochs, 1024)   # SPEC §5, written into config.yaml
     assert cfg.ft_proj_selector == selector
+    # recipe auto (the default) leaves them to recipes.stage_schedule, which starts from the same epochs
+    cfg = build_config("finetune", None, values)
+    assert (cfg.epochs, cfg.batch_size, cfg.ft_proj_selector) == (None, None, selector)
+    assert stage_schedule("finetune", "auto", 100_000, batch_size=None, epochs=None,
+                          label_fraction=fraction).epochs == epochs
     # explicit values are kept
     cfg = build_config("finetune", None, {**values, "epochs": 7, "ft_proj_selector": 2})
     assert (cfg.epochs, cfg.ft_proj_selector) == (7, 2)
@@ -142,7 +148,8 @@ def test_pipeline_yaml_stage_sections_reach_each_stage(tmp_path):
     assert (pre.epochs, pre.batch_size, pre.image_size, pre.seed) == (3, 16, 16, 9)
     assert pre.warmup_epochs == pytest.approx(0.15)
     sup = _stage_config(pipe, "supervised", "supervised", {})
-    assert sup.epochs == 90  # no section: the stage default
+    assert sup.epochs is None  # no section: the stage default (recipe auto sizes it at plan time)
+    assert sup.recipe == "auto"
     lin = _stage_config(pipe, "linear-eval", "linear_eval", {"checkpoint": str(_weights_file(tmp_path, "r18_1x_sk0"))})
     assert lin.epochs == 5
 
@@ -305,7 +312,8 @@ def test_pipeline_root_config_states_the_pipeline_epochs(tmp_path):
 
 
 def test_stage_configs_validate_without_the_checkpoints_they_will_read():
-    cfg = build_config("finetune", None, {"checkpoint": "/not/yet/pretrain", "data": "digits"}, check_paths=False)
+    cfg = build_config("finetune", None, {"checkpoint": "/not/yet/pretrain", "data": "digits",
+                                          "recipe": "reference"}, check_paths=False)
     assert cfg.epochs == 30
     with pytest.raises(ConfigError, match="alpha"):
         build_config("distill", None, {"teacher": "/not/yet", "alpha": 2.0}, check_paths=False)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from simclrv2 import recipes
 from simclrv2.errors import ConfigError
 
 STAGES = ("pretrain", "finetune", "linear-eval", "supervised", "distill", "evaluate", "pipeline", "demo")
@@ -141,26 +142,38 @@ class Config:
                                           "semi-supervised at the teacher's label count).", "distill")
 
     # ---- optimisation (SPEC §4, §5, §7) ------------------------------------------------
+    recipe: str = _opt("auto", "Defaults of batch size, epochs and the distillation student (see "
+                       "simclrv2/recipes.py): auto (default) sizes fine-tuning, supervised and distillation "
+                       "batches to >= 10 steps per epoch and >= 500 steps in all, and on a short distillation "
+                       "budget (< 100 epochs) starts a same-architecture student from its teacher; every value "
+                       "it changes is printed in the plan line. reference = SPEC §5 exactly (batch 1024/256/512, "
+                       "from-scratch student); on ImageNet-scale splits the two agree.",
+                       ("finetune", "supervised", "distill", "pipeline"), choices=("auto", "reference"))
     epochs: float | None = _opt(None, "Training epochs (stage default: pretrain 100, finetune 60 at <=1%% "
-                                "labels else 30, linear-eval 90, supervised 90, distill 400).", TRAIN_STAGES)
+                                "labels else 30, linear-eval 90, supervised 90 (recipe auto: the fine-tuning "
+                                "epochs on a label fraction), distill 400; recipe auto raises finetune and "
+                                "supervised epochs to reach 500 steps).", TRAIN_STAGES)
     max_steps: int | None = _opt(None, "Stop after this many optimiser steps (smoke runs); the schedule "
                                  "still follows --epochs unless --schedule-steps is set.", TRAIN_STAGES)
     batch_size: int | None = _opt(None, "Global batch size (stage default: pretrain/distill 512, "
-                                  "finetune 1024, linear-eval/supervised 256; capped at the labelled set).",
-                                  TRAIN_STAGES)
+                                  "finetune 1024, linear-eval/supervised 256; capped at the training set; "
+                                  "recipe auto lowers finetune, supervised and distill batches to leave >= 10 "
+                                  "steps per epoch, never below 32).", TRAIN_STAGES)
     eval_batch_size: int = _opt(256, "Batch size for evaluation and feature extraction.", NOT_DEMO)
     optimizer: str | None = _opt(None, "lars (SPEC §4) or momentum (Nesterov SGD with L2 loss). Default: lars, "
                                  "momentum for linear-eval and supervised.", TRAIN_STAGES,
                                  choices=("lars", "momentum"))
     learning_rate: float | None = _opt(None, "Base learning rate, scaled by --learning-rate-scaling (defaults: "
                                        "pretrain/distill 0.1 sqrt, finetune 0.005 sqrt (0.002 for width>1 or "
-                                       "SK), linear-eval/supervised 0.1 linear).", TRAIN_STAGES)
+                                       "SK), linear-eval/supervised 0.1 linear; a distillation student started "
+                                       "from its teacher: the fine-tuning rate).", TRAIN_STAGES)
     learning_rate_scaling: str | None = _opt(None, "linear: lr*B/256; sqrt: lr*sqrt(B) (SPEC §5).",
                                              TRAIN_STAGES, choices=("linear", "sqrt"))
     warmup_epochs: float | None = _opt(None, "Linear warmup length in epochs (default: 5%% of --epochs for "
                                        "pretrain/distill, 0 otherwise).", TRAIN_STAGES)
     weight_decay: float | None = _opt(None, "Weight decay (pretrain/distill 1e-4, finetune 0, linear-eval 1e-6, "
-                                      "supervised 1e-4).", TRAIN_STAGES)
+                                      "supervised 1e-4; a distillation student started from its teacher: 0).",
+                                      TRAIN_STAGES)
     momentum: float = _opt(0.9, "Optimiser momentum.", TRAIN_STAGES)
     schedule_steps: int | None = _opt(None, "Total steps of the cosine schedule (default from --epochs).",
                                       TRAIN_STAGES)
@@ -206,10 +219,13 @@ class Config:
                                      "colab does (keeps gradients of biases and BatchNorm parameters, which "
                                      "LARS does not adapt, bounded at small tau); off = the paper's Eq. 2 as "
                                      "written.", ("distill",))
-    init_student: str | None = _opt(None, "Initialise the student's encoder from this checkpoint (e.g. the "
-                                    "pretraining run) instead of from scratch (the paper's choice); must have "
-                                    "the student's architecture. In a pipeline, 'pretrained' means the "
-                                    "pipeline's own pretraining run (self-distillation only).",
+    init_student: str | None = _opt(None, "Where the student starts: scratch (the paper's choice), teacher (a "
+                                    "copy of the teacher: encoder, head layers and classifier; same "
+                                    "architecture only), or a checkpoint whose encoder is copied (e.g. the "
+                                    "pretraining run; must have the student's architecture). In a pipeline, "
+                                    "'pretrained' means the pipeline's own pretraining run (self-distillation "
+                                    "only). Default: recipe auto starts a same-architecture student from the "
+                                    "teacher when distillation runs fewer than 100 epochs, else from scratch.",
                                     ("distill", "pipeline"))
 
     # ---- logging / checkpoints ---------------------------------------------------------
@@ -240,8 +256,11 @@ class Config:
                                    "from them run again too.", ("pipeline", "demo"), nargs="+", type=str)
     eval_every: int | None = _opt(None, "Evaluate top-1 on up to 1,000 test images every N epochs while "
                                   "training, logged as eval/top1 (0 = only the final evaluation). Default: off "
-                                  "for a single command; about 8 evaluations per stage in a pipeline.",
-                                  ("finetune", "supervised", "distill", "pipeline"))
+                                  "for a single command (unless --evals-per-stage); about 8 evaluations per "
+                                  "stage in a pipeline.", ("finetune", "supervised", "distill", "pipeline"))
+    evals_per_stage: int = _opt(0, "Without --eval-every: evaluate about this many times over the stage's "
+                                "epochs, whatever the epochs turn out to be (0 = off; a pipeline passes 8).",
+                                ("finetune", "supervised", "distill"))
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -545,18 +564,16 @@ def stage_defaults(stage: str) -> dict[str, Any]:
     if stage == "pretrain":
         return dict(epochs=100, batch_size=512, optimizer="lars", learning_rate=0.1,
                     learning_rate_scaling="sqrt", weight_decay=1e-4, temperature=0.1)
-    if stage == "finetune":
-        return dict(batch_size=1024, optimizer="lars", learning_rate_scaling="sqrt", weight_decay=0.0,
-                    warmup_epochs=0.0)
+    if stage == "finetune":  # batch 1024 and 60/30 epochs: recipes.stage_schedule (recipe auto sizes them)
+        return dict(optimizer="lars", learning_rate_scaling="sqrt", weight_decay=0.0, warmup_epochs=0.0)
     if stage == "linear-eval":
         return dict(epochs=90, batch_size=256, optimizer="momentum", learning_rate=0.1,
                     learning_rate_scaling="linear", weight_decay=1e-6, warmup_epochs=0.0)
-    if stage == "supervised":
-        return dict(epochs=90, batch_size=256, optimizer="momentum", learning_rate=0.1,
-                    learning_rate_scaling="linear", weight_decay=1e-4, warmup_epochs=0.0)
-    if stage == "distill":
-        return dict(epochs=400, batch_size=512, optimizer="lars", learning_rate=0.1,
-                    learning_rate_scaling="sqrt", weight_decay=1e-4)
+    if stage == "supervised":  # batch 256 and 90 epochs: recipes.stage_schedule
+        return dict(optimizer="momentum", learning_rate=0.1, learning_rate_scaling="linear", weight_decay=1e-4,
+                    warmup_epochs=0.0)
+    if stage == "distill":  # batch 512: recipes.stage_schedule; lr and wd: resolve (they follow the init)
+        return dict(epochs=400, optimizer="lars", learning_rate_scaling="sqrt")
     return {}
 
 
@@ -619,16 +636,33 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
             if cfg.color_jitter_strength is None:
                 changes["color_jitter_strength"] = float(preset.color_jitter_strength)
     fraction = 1.0 if cfg.label_fraction is None and cfg.labeled_list is None else (cfg.label_fraction or 0.0)
-    if stage == "finetune":
+    if stage in recipes.SCHEDULED_STAGES and cfg.recipe == "reference":
+        # SPEC §5 numbers are static: written into config.yaml. Recipe auto leaves batch (and fine-tuning /
+        # supervised epochs) unset here; recipes.stage_schedule sizes them on the training set at plan time.
+        if cfg.batch_size is None:
+            changes["batch_size"] = recipes.REFERENCE_BATCH[stage]
         if cfg.epochs is None:
-            changes["epochs"] = 60 if fraction <= 0.01 else 30
+            changes["epochs"] = recipes.reference_epochs(stage, fraction)
+    if stage == "finetune":
+        if cfg.learning_rate is None:  # the network being fine-tuned is the checkpoint's, not --arch's default
+            changes["learning_rate"] = _finetune_learning_rate(record.get("arch"), cfg.arch)
+    if stage == "distill":
+        if cfg.epochs is None:  # a pipeline passes distill_epochs=None for "the stage default"
+            changes["epochs"] = recipes.reference_epochs("distill", None)
+        teacher_arch = record.get("arch") if isinstance(record.get("arch"), str) else None
+        if not read_checkpoints and teacher_arch is None:
+            teacher_arch = cfg.arch  # a pipeline plans its self-distillation before the teacher exists
+        init = recipes.distill_student_init(cfg.recipe, cfg.init_student, changes.get("epochs", cfg.epochs),
+                                            cfg.arch, teacher_arch)
+        if cfg.init_student is None and init is not None:
+            changes["init_student"] = init
+        from_teacher = init == recipes.INIT_TEACHER
         if cfg.learning_rate is None:
-            try:  # the network being fine-tuned is the checkpoint's, not --arch's default
-                arch = record.get("arch") if isinstance(record.get("arch"), str) else cfg.arch
-                _, width, sk = parse_arch_cheap(arch)
-            except ConfigError:
-                width, sk = 1, False
-            changes["learning_rate"] = 0.002 if (width > 1 or sk) else 0.005
+            changes["learning_rate"] = (_finetune_learning_rate(teacher_arch, cfg.arch) if from_teacher else 0.1)
+        if cfg.weight_decay is None:
+            changes["weight_decay"] = 0.0 if from_teacher else 1e-4
+        if cfg.warmup_epochs is None and from_teacher:
+            changes["warmup_epochs"] = 0.0
     if cfg.ft_proj_selector is None and stage == "pretrain":
         changes["ft_proj_selector"] = 0  # the online probe reads the head input (SPEC §2.1)
     if cfg.ft_proj_selector is None and stage == "finetune":
@@ -641,6 +675,15 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
 
 
 DEFAULT_DATA = "digits"
+
+
+def _finetune_learning_rate(arch: Any, fallback: str) -> float:
+    """SPEC §5 fine-tuning base rate: 0.005 (0.002 for width > 1 or selective kernels), x sqrt(B)."""
+    try:
+        _, width, sk = parse_arch_cheap(arch if isinstance(arch, str) else fallback)
+    except ConfigError:
+        width, sk = 1, False
+    return 0.002 if (width > 1 or sk) else 0.005
 
 
 def _native_image_size(data: str | None, unlabeled: list[str] | None, labels: str | None) -> int | None:
@@ -759,7 +802,8 @@ def validate(stage: str, cfg: Config, *, check_paths: bool = True) -> None:
         value = getattr(cfg, name)
         if choices and value is not None and value not in choices:
             raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-    if stage == "distill" and check_paths and cfg.init_student and not Path(cfg.init_student).exists():
+    if stage == "distill" and check_paths and cfg.init_student and cfg.init_student not in (
+            recipes.INIT_TEACHER, recipes.INIT_SCRATCH) and not Path(cfg.init_student).exists():
         raise ConfigError(f"init_student: {cfg.init_student!r} does not exist")
     if cfg.labeled_list is not None and not Path(cfg.labeled_list).is_file():
         raise ConfigError(f"labeled_list: file {cfg.labeled_list!r} does not exist")

@@ -8,6 +8,7 @@ against a fixed teacher that sees the same augmented view (distill).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from simclrv2.augment import AugmentConfig, SimCLRAugmentation
 from simclrv2.config import Config
 from simclrv2.losses import mixed_distillation_loss
 from simclrv2.optim import l2_penalty
+from simclrv2.recipes import Schedule, stage_schedule
 from simclrv2.training.data_setup import RunData
 from simclrv2.training.eval_log import final_evaluation, periodic_evaluation
 from simclrv2.training.model_io import export_model
@@ -98,6 +100,19 @@ class ClassifierTrainer(Trainer):
         periodic_evaluation(self, epoch)  # --eval-every (eval_log.py)
 
 
+def apply_recipe(stage: str, cfg: Config, num_examples: int) -> tuple[Config, Schedule]:
+    """The stage's batch size and epochs on ``num_examples`` training images (SPEC §5 or recipe auto,
+    :func:`simclrv2.recipes.stage_schedule`), and ``--evals-per-stage`` turned into ``--eval-every``
+    once the epochs are known."""
+    fraction = None if (cfg.label_fraction is None and cfg.labeled_list is None) else (cfg.label_fraction or 0.0)
+    schedule = stage_schedule(stage, cfg.recipe, num_examples, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                              label_fraction=fraction)
+    changes: dict[str, Any] = dict(batch_size=schedule.batch_size, epochs=schedule.epochs)
+    if cfg.eval_every is None and cfg.evals_per_stage:
+        changes["eval_every"] = max(1, math.ceil(schedule.epochs / cfg.evals_per_stage))
+    return cfg.replace(**changes), schedule
+
+
 def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, data: RunData,
                        indices: torch.Tensor | None, net: nn.Module, meta: dict[str, Any], *,
                        teacher: nn.Module | None = None, temperature: float = 1.0, alpha: float = 1.0,
@@ -115,9 +130,12 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
         raise DataError(f"{stage}: no labelled training images (the labelled set is empty); give labelled "
                         "images with --data ROOT (class folders) or --labels FILE.csv")
     meta = {**meta, **data.record}
+    cfg, schedule = apply_recipe(stage, cfg, num_examples)
     plan = plan_steps(cfg, num_examples, cfg.batch_size)
     if rt.is_main:
         print(describe_plan(stage, plan, num_examples, rt) + "; " + data.describe())
+        for note in schedule.notes:
+            print(f"{stage}: {note}", flush=True)
         for warning in warnings or []:
             print(f"warning: {warning}", flush=True)
     trainer = ClassifierTrainer(stage, cfg, rt, run, data, indices, plan, net, meta, teacher=teacher,
@@ -126,6 +144,8 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
     results: dict[str, Any] = {"stage": stage, "arch": meta["arch"], "steps": trainer.step,
                                "num_labeled": int(len(data.labeled_indices)), "train_images": num_examples,
                                "image_size": data.image_size, "labeled_set": data.labeled_record(),
+                               "recipe": cfg.recipe, "batch_size": plan.global_batch, "epochs": cfg.epochs,
+                               "peak_lr": plan.peak_lr, "recipe_notes": list(schedule.notes),
                                "final": final, **(extra_results or {})}
     if warnings:
         results["warnings"] = list(warnings)

@@ -23,6 +23,7 @@ from typing import Any
 from simclrv2.config import Config
 from simclrv2.errors import ConfigError
 from simclrv2.models import create_model
+from simclrv2.recipes import INIT_SCRATCH, INIT_TEACHER
 from simclrv2.training.classifier import train_and_evaluate
 from simclrv2.training.data_setup import RunData, inherited_label_spec, labeled_indices_for, prepare_data
 from simclrv2.training.model_io import load_checkpoint, load_network, load_state_into, model_meta
@@ -41,6 +42,33 @@ def init_student_encoder(student, path: str, arch: str) -> None:
         raise ConfigError(f"init_student: {file} holds a {meta['arch']} network, the student is {arch}")
     encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     load_state_into(student.encoder, encoder_state, source=str(file), expected_arch=arch, source_arch=meta["arch"])
+
+
+def student_from_teacher(teacher_path: str, arch: str, teacher_meta: dict[str, Any]):
+    """``--init-student teacher``: the student is a copy of the teacher (encoder, the head layers it
+    kept and its classifier), so distillation continues from the teacher's function instead of
+    rebuilding it (recipe auto on a short budget, see :mod:`simclrv2.recipes`)."""
+    if teacher_meta["arch"] != arch:
+        raise ConfigError(f"init_student: 'teacher' copies the teacher, a {teacher_meta['arch']} network, but the "
+                          f"student is {arch}; give --arch {teacher_meta['arch']} or --init-student scratch")
+    student, _ = load_network(teacher_path)
+    meta = {**teacher_meta, "stage": "distill"}
+    meta = model_meta(arch=meta["arch"], image_size=meta["image_size"], num_proj_layers=meta["num_proj_layers"],
+                      proj_out_dim=meta.get("proj_out_dim", 128), num_classes=meta["num_classes"],
+                      ft_proj_selector=meta.get("ft_proj_selector", 0), head_layers_kept=meta.get("head_layers_kept"),
+                      classes=meta.get("classes"), stage="distill")
+    return student, meta
+
+
+def describe_init(cfg: Config) -> str:
+    """The plan line's account of where the student starts and why (recipe auto or the user)."""
+    if cfg.init_student == INIT_TEACHER:
+        return (f"as a copy of its teacher (init_student teacher; recipe {cfg.recipe}: {cfg.epochs:g} epochs is "
+                f"a short budget next to the paper's 400; --init-student scratch trains it from scratch), lr "
+                f"{cfg.learning_rate:g}, weight decay {cfg.weight_decay:g}")
+    if cfg.init_student and cfg.init_student != INIT_SCRATCH:
+        return f"from the encoder of {cfg.init_student}"
+    return "from scratch (the paper's choice)"
 
 
 def distill(cfg: Config) -> dict[str, Any]:
@@ -69,12 +97,17 @@ def distill(cfg: Config) -> dict[str, Any]:
                           f"{_names(teacher_meta['classes'])}, this data has {_names(data.classes)}; distil on "
                           "the teacher's labelled data (the default when --data is not given)")
     warnings = check_labels_against_teacher(cfg, data, teacher_set)
-    meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
-                      num_classes=data.num_classes, classes=data.classes, stage="distill")
-    student = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0,
-                           num_classes=data.num_classes, zero_init_classifier=True)
-    if cfg.init_student:
-        init_student_encoder(student, cfg.init_student, cfg.arch)
+    if cfg.init_student == INIT_TEACHER:
+        student, meta = student_from_teacher(cfg.teacher, cfg.arch, teacher_meta)
+    else:
+        meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
+                          num_classes=data.num_classes, classes=data.classes, stage="distill")
+        student = create_model(cfg.arch, image_size=data.image_size, num_proj_layers=0,
+                               num_classes=data.num_classes, zero_init_classifier=True)
+        if cfg.init_student and cfg.init_student != INIT_SCRATCH:
+            init_student_encoder(student, cfg.init_student, cfg.arch)
+    if rt.is_main:
+        print(f"distill: student {cfg.arch} starts {describe_init(cfg)}", flush=True)
     return train_and_evaluate("distill", cfg, rt, run, data, None, student, meta, teacher=teacher,
                               temperature=temperature, alpha=cfg.alpha,
                               temperature_squared=cfg.temperature_squared, warnings=warnings,

@@ -55,10 +55,10 @@ STAGE_KINDS = ("pretrain", "finetune", "distill", "supervised", "linear_eval")
 SHARED_FIELDS = ("data", "data_root", "download", "image_size", "max_per_class", "num_workers", "strict", "seed",
                  "device", "precision", "channels_last", "compile", "eval_batch_size", "progress", "log_every",
                  "checkpoint_every", "global_bn", "flip", "crop_method", "crop_min_area", "dist_timeout",
-                 "unlabeled", "labels")
+                 "unlabeled", "labels", "recipe")
 
 NOT_COMPARED = set(RUN_CONTROL_FIELDS) | {"progress", "num_workers", "log_every", "checkpoint_every",
-                                          "eval_batch_size", "dist_timeout", "eval_every", "strict"}
+                                          "eval_batch_size", "dist_timeout", "eval_every", "evals_per_stage", "strict"}
 """Settings that change how a stage reports or where it runs, not what it computes: a change of these
 keeps a finished stage."""
 
@@ -230,7 +230,10 @@ def plan_pipeline(pipe: Config, root: Path) -> list[StagePlan]:
             plan.overrides["epochs"] = ft.config.epochs if ft.config else None
         plan.config = _stage_config(pipe, plan.command, plan.section, plan.overrides, check_paths=False)
         if plan.command in ("finetune", "supervised", "distill"):
-            plan.overrides["eval_every"] = _eval_every(pipe, plan.config)
+            if pipe.eval_every is None and plan.config.epochs is None:  # recipe auto: epochs known at plan time
+                plan.overrides["evals_per_stage"] = EVALS_PER_STAGE
+            else:
+                plan.overrides["eval_every"] = _eval_every(pipe, plan.config)
     return plans
 
 

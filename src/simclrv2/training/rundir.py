@@ -44,7 +44,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 NOT_TRAINING = frozenset({
     "out", "resume", "resume_changed", "overwrite", "force", "device", "precision", "channels_last", "compile",
-    "num_workers", "progress", "log_every", "checkpoint_every", "eval_batch_size", "eval_every", "dist_timeout",
+    "num_workers", "progress", "log_every", "checkpoint_every", "eval_batch_size", "eval_every", "evals_per_stage", "dist_timeout",
     "download", "data_root", "strict", "max_steps", "knn_every", "knn_k"})
 """Fields a resumed run may change freely: where and how fast it runs, what it logs, when it stops
 early (``max_steps``; the schedule follows ``--epochs``/``--schedule-steps``). Every other field of the
