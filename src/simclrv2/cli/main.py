@@ -210,8 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, NotImplementedError) as exc:  # a stage not built yet
         print(f"simclrv2 {args.command}: not available in this version ({exc})", file=sys.stderr)
         return EXIT_USAGE
+    from simclrv2.training.runtime import sigterm_stops_cleanly
     try:
-        runner(cfg)
+        with sigterm_stops_cleanly():  # SIGTERM outside a training loop: exit 143, one line (errors.py)
+            runner(cfg)
     except TrainingError as exc:
         print(f"simclrv2 {args.command}: stopped: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from simclrv2.config import Config
-from simclrv2.errors import ConfigError
+from simclrv2.errors import ConfigError, Terminated
 from simclrv2.utils import distributed as dist_utils
 
 
@@ -214,3 +216,48 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+
+class _SigtermReceived(BaseException):
+    """Raised by the SIGTERM handler of :func:`sigterm_stops_cleanly`. A ``BaseException`` (like
+    ``KeyboardInterrupt``) so that no ``except RuntimeError``/``except ValueError`` on its way up (a
+    reader that turns a failed read into "damaged file", say) mistakes it for a fault of the data."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into :class:`~simclrv2.errors.Terminated` (exit 143) for a whole command.
+
+    Training loops install their own handler (finish the step, save a checkpoint, then raise
+    ``Terminated``; see ``Trainer.fit``) and hand back to this one when they end. Everywhere else (data
+    scanning and caching, feature extraction, the linear classifier, evaluation, the pipeline between
+    stages) there is nothing to checkpoint, so the signal stops the command at once: the exception
+    unwinds through the atomic writers (``utils.checkpoint``), which delete their temporary file, so
+    nothing is left half-written. Forked decoding workers inherit the handler; there it does what
+    SIGTERM does by default (the main process notices and stops). Further SIGTERMs while stopping are
+    ignored so that the clean-up is not interrupted. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner, state = os.getpid(), {"stopping": False}
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != owner:  # a forked worker: terminate as the default action would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if state["stopping"]:
+            return
+        state["stopping"] = True
+        raise _SigtermReceived()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except _SigtermReceived:
+        raise Terminated("received SIGTERM outside a training step; stopped at once (nothing to checkpoint, no "
+                         "file left half-written, no results written); run the same command again to redo "
+                         "this stage (--resume continues a training run from its last checkpoint)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

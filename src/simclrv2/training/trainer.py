@@ -312,6 +312,8 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        if self._sigterm and previous is not None:  # came after the loop's last look: hand it on
+            signal.raise_signal(signal.SIGTERM)
         return self.last_metrics
 
     def _catch_sigterm(self):

@@ -1,0 +1,123 @@
+"""SIGTERM outside a training loop: a real signal to a real ``simclrv2`` process.
+
+Schedulers send SIGTERM before pre-emption. Inside a training loop the step ends and a checkpoint
+is saved (tests/test_faults.py); everywhere else (feature extraction and the linear classifier of
+``linear-eval``, decoding a folder into memory, evaluation, the pipeline between stages) the command
+must stop at once with exit 143 and ONE line on stderr, no traceback, and leave no file half-written
+(no ``model.safetensors``, no ``results.json``, no temporary file). The phase is detected from the
+process itself (its stdout line, or its decoding worker processes), never by sleeping blindly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CLI = [sys.executable, "-m", "simclrv2.cli.main"]
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name) if run.exists() else []
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the direct child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _assert_one_clean_line(err: str, command: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"simclrv2 {command}: stopped: received SIGTERM outside a "
+                                                   "training step"), err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    """A real network file (r18_0.25x at 16 px, untrained) for linear evaluation."""
+    from simclrv2.training.model_io import build_from_meta, export_model, model_meta
+    torch.manual_seed(0)
+    meta = {**model_meta(arch="r18_0.25x_sk0", image_size=16, num_proj_layers=2, proj_out_dim=16,
+                         stage="pretrain"), "data": "digits"}
+    return export_model(build_from_meta(meta), tmp_path_factory.mktemp("encoder") / "model.safetensors", meta)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_linear_eval_feature_extraction_exits_143_with_one_line(encoder, tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*CLI, "linear-eval", "--checkpoint", str(encoder), "--data", "digits", "--image-size",
+                             "16", "--epochs", "1", "--no-progress", "--device", "cpu", "--precision", "fp32",
+                             "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed right before the features of 1500 images are extracted (~2 s)
+        assert line.startswith("linear-eval: 1500 labelled images"), (line, proc.communicate())
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        rest, err = _stop(proc)
+    assert proc.returncode == 143, err[-3000:]
+    _assert_one_clean_line(err, "linear-eval")
+    assert "top-1" not in rest
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    assert not _leftovers(out)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_decoding_a_folder_into_memory_exits_143_and_stops_the_workers(tmp_path) -> None:
+    """A folder that fits in memory is decoded by --num-workers processes BEFORE training; their
+    existence is how the test knows the command is in that phase."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(300):  # noisy 96 px JPEGs: slow enough to decode to catch the phase
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+                root / "train" / f"c{c}" / f"{i}.jpg", quality=95)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*CLI, "pretrain", "--data", str(root), "--image-size", "96", "--arch", "r18_0.25x_sk0",
+                             "--batch-size", "8", "--max-steps", "1", "--num-workers", "2", "--no-progress",
+                             "--device", "cpu", "--precision", "fp32", "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while len(workers) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no decoding workers within 60 s"
+            workers = _children(proc.pid)
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        stdout, err = _stop(proc)
+    assert proc.returncode == 143, err[-3000:]
+    _assert_one_clean_line(err, "pretrain")
+    assert "pretrain: " not in stdout  # training never started
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert not (out / "results.json").exists() and not _leftovers(out)
+    time.sleep(0.5)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
+    assert not alive, f"decoding workers {alive} outlived the command"
