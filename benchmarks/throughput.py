@@ -6,8 +6,9 @@ A benchmark, not a test: it prints a table and writes JSON (``--out``); nothing 
 What is measured, in ONE run on the same machine, same batch and the same number of steps:
 
 * **ours**: the default pretraining step built the way ``pretrain()`` / ``PretrainTrainer`` build
-  it -- ``setup_runtime`` (device, ``--precision auto`` = bf16 autocast on CPUs with
-  AVX-512-BF16/AMX, fp32 elsewhere; CPU allocator setting), ``create_model('r18_1x_sk0',
+  it -- ``setup_runtime`` (device, ``--precision auto``: fp32 on CPUs without native bf16, else
+  bf16 autocast or fp32, whichever ``simclrv2.utils.precision_probe`` measures faster at this shape,
+  recorded as ``precision_probe`` in the JSON; CPU allocator setting), ``create_model('r18_1x_sk0',
   image_size=32, num_proj_layers=3)`` (ResNet-18, CIFAR stem), ``Runtime.prepare_model``
   (channels_last), ``build_optimizer`` (LARS, pretrain defaults, sqrt-scaled lr for CIFAR-10),
   ``PretrainStep`` (both views in ONE forward, NT-Xent tau 0.1).  Timed on pre-made views (made
@@ -83,6 +84,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,7 +100,7 @@ from simclrv2.config import build_config  # noqa: E402
 from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
 from simclrv2.training.pretrain import PretrainStep  # noqa: E402
-from simclrv2.training.runtime import setup_runtime  # noqa: E402
+from simclrv2.training.runtime import choose_precision, probe_shape, setup_runtime  # noqa: E402
 from simclrv2.training.trainer import build_optimizer, plan_steps  # noqa: E402
 from simclrv2.utils.ema import ModelEMA  # noqa: E402
 
@@ -129,15 +131,17 @@ def lightly_version() -> str | None:
     return getattr(lightly, "__version__", "unknown")
 
 
-def our_config(memory_size: int = 0):
-    return build_config("pretrain", flag_values={"arch": ARCH, "device": "cpu", "memory_size": memory_size})
+def our_config(memory_size: int = 0, batch: int | None = None):
+    """A ``simclrv2 pretrain`` config at the benchmark's shape (so ``--precision auto`` sees it, as a run does)."""
+    flags = {"arch": ARCH, "device": "cpu", "memory_size": memory_size, "image_size": IMAGE_SIZE}
+    return build_config("pretrain", flag_values={**flags, **({"batch_size": batch} if batch else {})})
 
 
 class OursAugment:
     """Our augmentation as ``PretrainTrainer.train_step`` runs it: two views, then the layout."""
 
     def __init__(self, batch: int, seed: int = 0) -> None:
-        cfg = our_config()
+        cfg = our_config(batch=batch)
         self.rt = setup_runtime(cfg)
         aug_cfg = AugmentConfig.for_pretraining(IMAGE_SIZE, color_jitter_strength=cfg.color_jitter_strength,
                                                 use_blur=cfg.use_blur)
@@ -154,7 +158,7 @@ class Ours:
     """Our default pretraining step (see the module docstring)."""
 
     def __init__(self, batch: int, views: torch.Tensor, memory_size: int = 0, seed: int = 0) -> None:
-        cfg = our_config(memory_size)
+        cfg = our_config(memory_size, batch)
         self.cfg = cfg
         self.rt = rt = setup_runtime(cfg)  # seeds torch with cfg.seed
         device = rt.device
@@ -620,6 +624,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # emulated (~10x slower than fp32 on an AVX2 CPU), so its best is fp32 + channels_last.
     peer_best = args.peer_best if args.peer_best != "auto" else ("bf16" if native_bf16 else "fp32")
     peer_version = lightly_version()
+    # What --precision auto picks for this shape (a short probe only where bf16 is native; it is cached,
+    # so the workers below find the same answer instead of probing at the same time).
+    probe_cfg = our_config(batch=batch)
+    probe = choose_precision(probe_cfg.precision, torch.device("cpu"), probe_shape(probe_cfg))
+    say(f"precision auto: {probe.describe()}")
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
         variants.insert(1, "ours_glibc")
@@ -796,6 +805,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lightly_fraction_of_best_kernel": flops_peer / best["lightly"] / 1e9 / best_rate if peer else None,
     }
     results["augment"] = {"32px": aug32, "224px": aug224}
+    shape = probe_shape(probe_cfg)
+    results["precision_probe"] = {**probe.as_json(), "step_precision": augment.rt.precision,
+                                  "shape": {**asdict(shape), "feature_side": shape.feature_side,
+                                            "probe_batch": shape.probe_batch}}
     if args.stages:
         say("other stages vs a plain fp32 loop ...")
         t_phase = time.perf_counter()
@@ -824,6 +837,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"AMX {'in use' if env['host']['onednn'].get('amx_in_use') else 'not used'}), "
         f"torch {env['torch']}, {c['threads']} threads, lightly {env['lightly'] or 'not installed'}",
         f"load average before {env['load_average_before']}, after {env['load_average_after']}: {env['note']}",
+        f"--precision auto: {r['precision_probe']['precision']} ({r['precision_probe']['reason']}"
+        + "".join(f", {k} {v:.1f} img/s" for k, v in r["precision_probe"]["images_per_s"].items()) + ")",
         f"{c['arch']} CIFAR stem, {c['image_size']} px, batch {c['batch_size']} ({c['views_per_step']} views); "
         f"{c['steps']} timed rounds after {c['warmup']} warm-up, lockstep-interleaved, one process per variant"
         + (" [--quick]" if c["quick"] else ""),

@@ -1,9 +1,11 @@
 """Where and how a run computes: device, precision, memory layout, processes, seeds.
 
-``precision=auto`` picks bf16 autocast where bf16 matrix products are native (CUDA GPUs with
-bf16, CPUs with AVX-512-BF16 or AMX) and fp32 elsewhere. bf16 keeps fp32's exponent range, so
-no loss scaling is needed; fp16 (CUDA only) uses a gradient scaler. Losses are computed in
-fp32 inside the loss functions either way (SPEC §3 note on log-sum-exp).
+``precision=auto`` picks bf16 autocast on CUDA GPUs with bf16 (fp16 on older ones) and fp32 on CPUs
+without native bf16; on CPUs with AVX-512-BF16 or AMX it picks whichever of bf16 and fp32 a short
+measured probe finds faster at the run's shape (``simclrv2.utils.precision_probe``, cached per host,
+torch version and shape). bf16 keeps fp32's exponent range, so no loss scaling is needed; fp16
+(CUDA only) uses a gradient scaler. Losses are computed in fp32 inside the loss functions either
+way (SPEC §3 note on log-sum-exp).
 """
 
 from __future__ import annotations
@@ -21,20 +23,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from simclrv2.config import Config
+from simclrv2.config import Config, parse_arch_cheap
 from simclrv2.errors import ConfigError, Terminated
 from simclrv2.utils import distributed as dist_utils
+from simclrv2.utils import precision_probe
 
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises AVX-512-BF16 or AMX-BF16 (Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            text = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in text or "amx_bf16" in text
+    return precision_probe.has_native_bf16(precision_probe.cpu_flags())
 
 
 #: glibc environment variables that mean the user already chose a malloc policy.
@@ -128,14 +126,45 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def choose_precision(name: str, device: torch.device,
+                     shape: precision_probe.ProbeShape | None = None) -> precision_probe.PrecisionChoice:
+    """The precision a run uses, and why. ``auto``: CUDA -> bf16 where supported, else fp16; a CPU
+    without native bf16 -> fp32 (nothing measured); a CPU with native bf16 -> the faster of bf16 and
+    fp32 at ``shape`` (:func:`simclrv2.utils.precision_probe.choose_cpu_precision`, cached), or bf16
+    when no shape is known (callers without a training shape, e.g. ``make_runtime``)."""
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+            supported = torch.cuda.is_bf16_supported()
+            return precision_probe.PrecisionChoice("bf16" if supported else "fp16",
+                                                   "CUDA bf16" if supported else "CUDA without bf16")
+        if shape is not None:
+            return precision_probe.choose_cpu_precision(shape)  # fp32 at once where bf16 is not native
+        if cpu_has_native_bf16():
+            return precision_probe.PrecisionChoice("bf16", "native bf16; no training shape to measure")
+        return precision_probe.PrecisionChoice("fp32", precision_probe.NOT_NATIVE)
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return name
+    return precision_probe.PrecisionChoice(name, "requested")
+
+
+def resolve_precision(name: str, device: torch.device, shape: precision_probe.ProbeShape | None = None) -> str:
+    """``bf16`` | ``fp16`` | ``fp32`` for ``--precision NAME`` on ``device`` (see :func:`choose_precision`)."""
+    return choose_precision(name, device, shape).precision
+
+
+def probe_shape(cfg: Config, world_size: int = 1) -> precision_probe.ProbeShape | None:
+    """What ``--precision auto``'s CPU probe imitates for ``cfg``: its image size, images per core per
+    step (the global batch over processes and threads) and width; None while the image size is unknown."""
+    if not cfg.image_size:
+        return None
+    try:
+        width = parse_arch_cheap(cfg.arch)[1]
+    except ConfigError:  # reported by the stage that builds the network
+        width = 1
+    batch = cfg.batch_size or cfg.eval_batch_size
+    threads = torch.get_num_threads()
+    return precision_probe.ProbeShape(image_size=cfg.image_size, width=width, threads=threads,
+                                      batch_per_core=max(1, batch // max(world_size, 1) // threads))
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +177,13 @@ def setup_runtime(cfg: Config) -> Runtime:
     """Initialise processes (torchrun env), the device and precision, and seeds."""
     rank, world_size, local_rank = dist_utils.setup_distributed(timeout=getattr(cfg, "dist_timeout", None))
     device = resolve_device(cfg.device, local_rank)
-    precision = resolve_precision(cfg.precision, device)
+    # rank 0 measures (when auto has a real choice on this CPU) and every rank uses its answer
+    shape = probe_shape(cfg, world_size) if cfg.precision == "auto" and device.type == "cpu" else None
+    choice = dist_utils.share_outcome((lambda: choose_precision(cfg.precision, device, shape)) if rank == 0
+                                      else None)
+    precision = choice.precision
+    if rank == 0 and choice.probed:
+        print(f"precision auto: {choice.describe()}", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
