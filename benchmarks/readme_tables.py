@@ -103,11 +103,12 @@ def _load_text(payload: dict, cpu_count: int | None) -> str:
     return f"quiet machine ({text})"
 
 
-def _host_text(host: dict | None, env: dict) -> str:
+def _host_text(host: dict | None, env: dict, threads: int | None = None) -> str:
     """The host a result came from: CPU, ISA flags, oneDNN ISA and kernels, threads."""
     if not host:
-        return (f"{env.get('cpu')}, {env.get('cpu_count')} CPUs, flags {', '.join(env.get('cpu_flags', []))}; "
-                "oneDNN ISA, kernels and thread count not recorded (earlier benchmark version)")
+        return (f"{env.get('cpu')}, {threads} threads on {env.get('cpu_count')} CPUs, flags "
+                f"{', '.join(env.get('cpu_flags', []))}; CPU family, oneDNN ISA and kernels not recorded "
+                "(earlier benchmark version)")
     dnn = host.get("onednn") or {}
     kernels = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted((dnn.get("kernels") or {}).items()))
     return (f"{host.get('cpu')} ({host.get('vendor')}, family {host.get('cpu_family')} model "
@@ -146,7 +147,7 @@ def throughput_section(path: Path) -> str:
     settings = (f"{'--quick, ' if c.get('quick') else 'full run, '}batch {c['batch_size']}, "
                 f"{c['warmup']} warm-up + {c['steps']} timed rounds")
     lines = [f"**`{env.get('host_kind') or path.stem.removeprefix('throughput-').removesuffix('-quick')}`** "
-             f"(`{path.name}`): {_host_text(host, env)}; torch {env.get('torch')}; our step in "
+             f"(`{path.name}`): {_host_text(host, env, c.get('threads'))}; torch {env.get('torch')}; our step in "
              f"{c['precision']}{', channels_last' if c.get('channels_last') else ''}; {_run_text(r, settings)}; "
              f"{_load_text(r, env.get('cpu_count'))}.", "",
              "| figure | value | target |", "|---|---|---|"]
@@ -177,7 +178,7 @@ def throughput_section(path: Path) -> str:
     achieved = r["roofline"]["achieved_gflops"]
     text = f"{_pct(achieved / best_rate)} ({achieved:.1f} of {best_rate:.1f} GFLOP/s, {best_name})"
     if "best_kernel_gflops" not in r["roofline"]:
-        text += (f"; the file's own `roofline_fraction`, {_pct(r['roofline_fraction'])}, divided by the "
+        text += (f"; the file's own `roofline_fraction`, {r['roofline_fraction'] * 100:.1f}%, divided by the "
                  f"square-matmul peak ({r['roofline']['bf16_peak_gflops']:.1f} GFLOP/s), not the best kernel")
     row("of the best kernel measured in the same run", text, "roofline_fraction", achieved / best_rate)
     theo = r["roofline"].get("theoretical")
