@@ -47,8 +47,8 @@ __all__ = ["ProbeShape", "PrecisionChoice", "parse_cpu_flags", "cpu_flags", "cpu
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: bf16 must be this much faster than fp32 in the probe to be chosen (fp32 wins ties: it is exact).
 MIN_BF16_SPEEDUP = 1.10
-#: wall-clock budget of the whole probe, both precisions, warm-up included.
-BUDGET_SECONDS = 1.5
+#: wall-clock budget of the timed rounds (a round starts only if it fits; the warm-up is always run).
+BUDGET_SECONDS = 1.0
 #: forward+backward FLOPs of one probe iteration per thread (keeps an fp32 iteration near 0.1 s).
 FLOP_CAP_PER_THREAD = 4e9
 MAX_ROUNDS = 5
@@ -149,9 +149,9 @@ def _probe_stack(width: float) -> nn.Sequential:
 def measure_rates(shape: ProbeShape, budget_s: float = BUDGET_SECONDS) -> tuple[dict[str, float], float]:
     """Images/s of the probe stack in bf16 autocast and in fp32 (both channels_last), and the seconds
     the probe took. One warm-up iteration each (oneDNN builds its kernels), then rounds of one timed
-    iteration per precision, alternating, until ``budget_s`` is spent or :data:`MAX_ROUNDS`; each rate
-    is the fastest iteration (background load only adds time). When the warm-ups alone use more than
-    half the budget, the warm-up times are the measurement. The global RNG is left untouched."""
+    iteration per precision, alternating, while another round still fits in ``budget_s`` (at most
+    :data:`MAX_ROUNDS`); each rate is the fastest iteration (background load only adds time), so when
+    not even one round fits, the warm-ups are the measurement. The global RNG is left untouched."""
     started = time.perf_counter()
     batch = shape.probe_batch
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -169,14 +169,12 @@ def measure_rates(shape: ProbeShape, budget_s: float = BUDGET_SECONDS) -> tuple[
                 param.grad = None
             return time.perf_counter() - begin
 
-        best = {precision: iteration(precision) for precision in ("bf16", "fp32")}
-        if time.perf_counter() - started < budget_s / 2:
-            best = {precision: float("inf") for precision in best}
-            for _ in range(MAX_ROUNDS):
-                for precision in best:
-                    best[precision] = min(best[precision], iteration(precision))
-                if time.perf_counter() - started > budget_s:
-                    break
+        best = {precision: iteration(precision) for precision in ("bf16", "fp32")}  # warm-up
+        for _ in range(MAX_ROUNDS):
+            if time.perf_counter() - started + sum(best.values()) > budget_s:  # no time for another round
+                break
+            for precision in best:
+                best[precision] = min(best[precision], iteration(precision))
     return {precision: batch / seconds for precision, seconds in best.items()}, time.perf_counter() - started
 
 
