@@ -1,4 +1,5 @@
-"""Real faults in real processes: SIGKILL at EVERY checkpoint-writing call in turn, and SIGTERM.
+"""Real faults in real processes: SIGKILL at EVERY checkpoint-writing call in turn, SIGTERM, and a
+decoding worker killed by SIGKILL (as the out-of-memory killer does).
 
 The write points are not hand-picked: a Python audit hook (``sys.addaudithook``; events ``open``
 for writing, ``os.rename``/``os.replace``, ``os.remove``, ``os.mkdir``, ``os.rmdir``, ``shutil.rmtree``)
@@ -143,3 +144,79 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path:
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"continuing from step {meta['step']}" in resumed.stdout
+
+
+# ------------------------------------------------------------------ a decoding worker killed by SIGKILL
+_FORCE_DISK_CLI = ("import sys, simclrv2.data.datasets as D; D.fits_in_memory = lambda *a, **k: False; "
+                   "import simclrv2.training.pretrain as P; P.PretrainTrainer.monitor_knn = lambda self, step: None; "
+                   "from simclrv2.cli.main import main; sys.exit(main(sys.argv[1:]))")
+"""The folder is read from disk while training (as one larger than the memory cache is), so the
+decoding workers live during training."""
+
+
+def _noise_folder(root: Path, per_class: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / "train" / f"c{c}" / f"{i}.jpg", quality=95)
+    return root
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _kill_a_worker(proc: subprocess.Popen) -> int:
+    """SIGKILL (what the OOM killer sends) one decoding worker of ``proc`` once it has two."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no decoding workers within 120 s"
+        workers = _children(proc.pid)
+        if len(workers) >= 2:
+            os.kill(workers[0], signal.SIGKILL)
+            return workers[0]
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("phase", ["caching", "training"])
+def test_a_decoding_worker_killed_by_sigkill_gives_one_message_and_exit_1(phase, tmp_path: Path) -> None:
+    root = _noise_folder(tmp_path / "data", per_class=300 if phase == "caching" else 16, size=96)
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(root), "--image-size", "32", "--arch", "r18_0.25x_sk0", "--batch-size", "8",
+            "--schedule-steps", "100000", "--checkpoint-every", "100000", "--knn-every", "1000000", "--num-workers",
+            "2", "--no-progress", "--device", "cpu", "--precision", "fp32", "--out", str(out)]
+    script = _SIGTERM_CLI if phase == "caching" else _FORCE_DISK_CLI  # caching: the folder fits in memory
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        if phase == "training":  # wait for the plan line: the workers that follow decode training batches
+            for line in proc.stdout:
+                if line.startswith("pretrain: "):
+                    break
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+        victim = _kill_a_worker(proc)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line.lower()]
+    assert len(lines) == 1 and "stopped: an image-decoding worker" in lines[0] and str(victim) in lines[0], err
+    assert "--num-workers" in err and "memory" in err
+    if phase == "caching":
+        assert "pretrain: " not in stdout  # it died before training started
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()

@@ -220,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimCLRv2Error as exc:
         print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:  # a decoding worker died outside a training loop (data/loader.py)
+        from simclrv2.data.loader import worker_failure
+        if (failure := worker_failure(exc)) is None:
+            raise
+        print(f"simclrv2 {args.command}: stopped: {failure}", file=sys.stderr)
+        return failure.exit_code
     except KeyboardInterrupt:
         print(f"simclrv2 {args.command}: interrupted; resume with --resume --out <run dir>", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -23,9 +23,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from simclrv2.errors import TrainingError
+
 from .sources import Batch, ImageSource, TensorImageSource, as_index_tensor
 
-__all__ = ["BatchIterator", "epoch_permutation"]
+__all__ = ["BatchIterator", "epoch_permutation", "worker_failure"]
 
 
 def _generator_seed(seed: int, epoch: int) -> int:
@@ -210,3 +212,20 @@ class BatchIterator:
     def close(self) -> None:
         """Shut down persistent decode workers (they also stop when garbage-collected)."""
         self._loader = None
+
+
+def worker_failure(exc: BaseException) -> TrainingError | None:
+    """The one-paragraph error for a decoding worker process that died, or None if ``exc`` is not that.
+
+    ``DataLoader`` reports a worker killed by a signal (SIGKILL from the kernel's out-of-memory killer,
+    most often) or exiting unexpectedly as a plain ``RuntimeError`` naming "DataLoader worker", raised
+    from its SIGCHLD handler wherever the main process is at that moment; the command line turns it
+    into this message (exit 1) instead of a traceback. Workers decode folders into the memory cache
+    (:mod:`simclrv2.data.cache`) and folders too large for it while training or extracting features."""
+    if isinstance(exc, TrainingError) or not isinstance(exc, RuntimeError) or "DataLoader worker" not in str(exc):
+        return None
+    first = str(exc).strip().splitlines()[0][:200]
+    return TrainingError(f"an image-decoding worker process stopped ({first}); a worker killed by a signal is "
+                         "most often the kernel's out-of-memory killer. Use fewer --num-workers (0 decodes in the "
+                         "main process) or free memory, then run the command again (a training run continues "
+                         "from its last checkpoint with --resume)")
