@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 import simclrv2
 from simclrv2.augment import EvalTransform
 from simclrv2.cli.main import main
-from simclrv2.data import FolderImageSource, canvas_for_image_size
+from simclrv2.data.datasets import load_eval_dataset
 from simclrv2.errors import CheckpointError, ConfigError, TrainingError
 from simclrv2.inference.embed import embed_files, load_embeddings
 from simclrv2.inference.export import export_file, read_torchscript_metadata
@@ -242,7 +243,7 @@ def test_export_above_tolerance_fails_and_removes_the_file(models, tmp_path):
     assert info.value.exit_code == 1 and not out.exists()
 
 
-def test_load_model_preprocess_is_the_evaluation_path(folder, models):
+def test_load_model_preprocess_is_the_evaluation_path(folder, models, tmp_path):
     model = models["sk"]
     assert model.classes == CKPT_CLASSES and model.image_size == 33 and not model.training
     files = sorted(folder.rglob("*.png"))
@@ -250,10 +251,16 @@ def test_load_model_preprocess_is_the_evaluation_path(folder, models):
     assert x.shape == (9, 3, 33, 33) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     with Image.open(files[0]) as img:
         torch.testing.assert_close(model.preprocess(img), x[:1], rtol=0, atol=0)  # PIL image == its path
-    # what `simclrv2 evaluate` feeds the network for a folder of these files
-    source = FolderImageSource([(f, -1) for f in files], [], canvas_for_image_size(33))
-    batch = source.get_batch(range(len(files)))
-    torch.testing.assert_close(EvalTransform(33)(batch.images, sizes=batch.sizes), x, rtol=0, atol=0)
+    # what `simclrv2 evaluate` feeds the network for an evaluation folder of these files
+    for f in files:
+        dest = tmp_path / "val" / f.relative_to(folder)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+    source = load_eval_dataset(tmp_path, EvalTransform(33), num_workers=0)
+    assert source.preprocessed
+    batch = source.get_batch(range(len(source)))
+    order = [files.index(folder / p) for p in source.paths]
+    torch.testing.assert_close(batch.images, x[order], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="float32"):
         model.predict(torch.zeros(1, 3, 32, 32))
 

@@ -160,6 +160,11 @@ class Config:
                                   "recipe auto lowers finetune, supervised and distill batches to leave >= 10 "
                                   "steps per epoch, never below 32).", TRAIN_STAGES)
     eval_batch_size: int = _opt(256, "Batch size for evaluation and feature extraction.", NOT_DEMO)
+    resize_mode: str | None = _opt(None, "Resize kernel of the evaluation centre crop (SPEC §6): bicubic (TF2), "
+                                   "bicubic_legacy (TF1 resize_bicubic, the released checkpoints' code) or "
+                                   "bilinear. Default: the checkpoint's recorded one (bicubic_legacy after "
+                                   "import-tf), else bicubic.", "evaluate",
+                                   choices=("bicubic", "bicubic_legacy", "bilinear"))
     optimizer: str | None = _opt(None, "lars (SPEC §4) or momentum (Nesterov SGD with L2 loss). Default: lars, "
                                  "momentum for linear-eval and supervised.", TRAIN_STAGES,
                                  choices=("lars", "momentum"))

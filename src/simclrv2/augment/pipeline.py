@@ -322,9 +322,18 @@ class SimCLRAugmentation:
 class EvalTransform:
     """Deterministic eval preprocessing (reference ``preprocess_for_eval``, SPEC §6).
 
-    image_size > 32: centre crop keeping ``crop_proportion`` (0.875) of the shorter side,
-    bicubic resize to S, clip.  image_size <= 32 (CIFAR): the raw image in [0, 1], only
-    resized when its valid size differs from S.
+    image_size > 32: centre crop keeping ``crop_proportion`` (0.875) of the side that limits
+    the (square) output -- the shorter side -- with the reference's ``_compute_crop_shape``
+    (float32, rint) and offset ``((H - h) + 1) // 2``, then one resize of the crop to S, clip.
+    The crop is taken from each image's valid ``sizes``; for the reference's result the input
+    must be the **full-resolution** decoded image (what :func:`simclrv2.data.decode.eval_input`
+    hands over), not a letterboxed training canvas.  image_size <= 32 (CIFAR): the raw image in
+    [0, 1], only resized when its valid size differs from S.
+
+    ``resize_mode``: ``bicubic`` (TF2 ``tf.image.resize``, half-pixel centres, a = -0.5; the
+    default, what our training stages use), ``bicubic_legacy`` (TF1 ``tf.image.resize_bicubic``,
+    a = -0.75, no half-pixel offset: the root-level reference code the released checkpoints were
+    trained and evaluated with) or ``bilinear`` (see :mod:`simclrv2.augment.resize`).
     """
 
     def __init__(
@@ -336,7 +345,7 @@ class EvalTransform:
         chunk_size: int | None = None,
     ):
         if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.image_size = image_size
         self.crop_proportion = crop_proportion
         self.resize_mode = resize_mode

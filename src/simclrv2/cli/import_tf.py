@@ -10,7 +10,9 @@ from simclrv2.errors import ConfigError
 DESCRIPTION = (
     "Import a SimCLRv2 checkpoint of the reference TensorFlow code (TF1 tensor bundle, read without "
     "TensorFlow) into a run directory (model.safetensors + results.json) that works as --checkpoint for "
-    "finetune / linear-eval / evaluate, as --teacher for distill, and with predict / embed / export. "
+    "finetune / linear-eval / evaluate, as --teacher for distill, and with predict / embed / export "
+    "(which then evaluate with TF1's legacy bicubic resize, the kernel the released models were scored "
+    "with; --resize-mode overrides it). "
     "Outputs equal the reference graph's to ~1e-6 (parity-tested). PATH is a folder with a 'checkpoint' "
     "file, a prefix (model.ckpt-N) or the .index file; or use --download ARCH --kind KIND to fetch a "
     "released model over HTTPS into a cache."
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                   ft_proj_selector=args.ft_proj_selector, kind=args.kind, classes=args.classes,
                                   image_size=args.image_size)
     summary = {k: report[k] for k in ("arch", "kind", "ema", "image_size", "num_classes", "ft_proj_selector",
-                                      "global_step", "num_imported", "num_unused")}
+                                      "global_step", "num_imported", "num_unused", "eval_resize_mode")}
     print(f"import-tf: {report['source']} -> {args.out}/model.safetensors")
     print(json.dumps(summary))
     return 0

@@ -12,8 +12,19 @@ from typing import Any
 
 COMMANDS = ("predict", "embed", "export")
 
-_CONTRACT = ("Input contract: float32 RGB in [0, 1], NCHW, no mean/std normalisation; centre crop of 0.875 "
-             "and bicubic resize to the checkpoint's image size (the preprocessing of `simclrv2 evaluate`).")
+_CONTRACT = ("Input contract: float32 RGB in [0, 1], NCHW, no mean/std normalisation; each image decoded at full "
+             "resolution, centre crop of 0.875 and one resize to the checkpoint's image size (the preprocessing "
+             "of `simclrv2 evaluate`).")
+
+RESIZE_MODES = ("bicubic", "bicubic_legacy", "bilinear")  # simclrv2.augment.resize.RESIZE_MODES (no torch import)
+
+
+def _resize_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=None,
+                   help=f"Resize kernel of the centre crop {what}: bicubic (TF2 tf.image.resize), bicubic_legacy "
+                        "(TF1 tf.image.resize_bicubic, the code the released checkpoints were evaluated with) or "
+                        "bilinear. [default: the checkpoint's recorded one (bicubic_legacy after import-tf), "
+                        "else bicubic]")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,6 +57,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--format", dest="fmt", choices=("csv", "jsonl"), default="csv",
                    help="csv (columns path,label,prob,label_1,prob_1,...) or jsonl. [default: csv]")
     p.add_argument("--top-k", type=int, default=5, help="Number of best classes per image. [default: 5]")
+    _resize_option(p, "(SPEC §6)")
     _runtime_options(p)
 
     p = sub.add_parser("embed", help="Write one embedding vector per image.",
@@ -59,6 +71,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--layer", default="features",
                    help="features (encoder output), proj_1 .. proj_k (projection-head layers the checkpoint has) "
                         "or projection (the last head layer). [default: features]")
+    _resize_option(p, "(SPEC §6)")
     _runtime_options(p)
 
     p = sub.add_parser("export", help="Export to ONNX or TorchScript, with a parity check.",
@@ -71,6 +84,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="Output file (e.g. model.onnx, model.pt).")
     p.add_argument("--what", choices=("classifier", "encoder"), default="classifier",
                    help="classifier: images -> logits; encoder: images -> features. [default: classifier]")
+    _resize_option(p, "that the input contract in the file's metadata names (simclrv2.resize_mode; the graph "
+                      "itself takes preprocessed images)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,16 +95,17 @@ def run(args: argparse.Namespace) -> int:
 
         predict_files(args.checkpoint, args.paths, out=args.out, fmt=args.fmt, top_k=args.top_k,
                       batch_size=args.batch_size, device=args.device, precision=args.precision,
-                      strict=args.strict, progress=args.progress)
+                      strict=args.strict, progress=args.progress, resize_mode=args.resize_mode)
     elif args.command == "embed":
         from simclrv2.inference.embed import embed_files
 
         embed_files(args.checkpoint, args.data, args.out, layer=args.layer, batch_size=args.batch_size,
-                    device=args.device, precision=args.precision, strict=args.strict, progress=args.progress)
+                    device=args.device, precision=args.precision, strict=args.strict, progress=args.progress,
+                    resize_mode=args.resize_mode)
     elif args.command == "export":
         from simclrv2.inference.export import export_file
 
-        export_file(args.checkpoint, args.out, fmt=args.fmt, what=args.what)
+        export_file(args.checkpoint, args.out, fmt=args.fmt, what=args.what, resize_mode=args.resize_mode)
     else:  # pragma: no cover - guarded by argparse
         raise NotImplementedError(args.command)
     return 0

@@ -4,7 +4,8 @@
 the embedded offline default; ``cifar10``, ``cifar100``, ``stl10`` via torchvision) or a
 path to an ImageNet-layout image folder. Folder sources are decoded into memory when
 the result fits a byte budget (CIFAR-sized folders) and read from disk otherwise
-(ImageNet).
+(ImageNet). ``load_eval_dataset`` is the evaluation split as ``simclrv2 evaluate`` reads it:
+above 32 px each file at full resolution, centre-cropped and resized once (SPEC §6).
 """
 
 from __future__ import annotations
@@ -20,36 +21,42 @@ from .digits import load_digits_source
 from simclrv2.errors import DataError, MissingSplitError
 from .folders import scan_image_folder
 from .scan import ScanReport, check_samples
-from .sources import FolderImageSource, ImageSource, TensorImageSource
+from .decode import EvalTransformLike
+from .sources import EvalImageSource, FolderImageSource, ImageSource, TensorImageSource
 from .subsets import first_per_class_indices
 from .torchvision_sets import TORCHVISION_SPLITS, load_torchvision_source
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASET_NAMES", "DEFAULT_DATASET", "canvas_for_image_size", "load_dataset", "describe"]
+__all__ = ["DATASET_NAMES", "DEFAULT_DATASET", "canvas_for_image_size", "load_dataset", "load_eval_dataset",
+           "describe"]
 
 DEFAULT_DATASET = "digits"
 DATASET_NAMES = ("digits", *TORCHVISION_SPLITS)
 """Names ``load_dataset`` understands; anything else is taken as a folder path."""
 
 CROP_PROPORTION = 0.875
-"""Reference eval centre-crop proportion (SPEC §6): 224 px crops come from 256 px images."""
+"""Reference eval centre-crop proportion (SPEC §6): the crop keeps 0.875 of the full image's
+limiting side (224 of a 256 px side); also sets the training canvas 256 = round(224 / 0.875)."""
 
 _MAX_INFERRED_CANVAS = 256
 
 
 def canvas_for_image_size(image_size: int) -> int:
-    """Canvas side for a folder source trained at ``image_size``.
+    """Canvas side a folder source is decoded into for *training* at ``image_size``.
 
     Small images (<= 32, CIFAR-like) are used at their own size. Larger ones get
     ``round(image_size / 0.875)`` (256 for 224), which bounds the in-memory/decoded size.
 
-    Deviation from the reference (SPEC §6), not yet removed: images are letterboxed, so the
-    *longer* side is scaled to the canvas before any crop.  A square image is then cropped
-    exactly as the reference does (0.875 of 256 = 224 px, no resampling); a 4:3 image's
-    shorter side becomes 192 px and its eval centre crop (168 px) is *upsampled* to 224,
-    whereas the reference crops 0.875 of the full-resolution shorter side and downsamples.
-    Images larger than the canvas are also resampled twice (decode, then crop resize).
+    Training only: images are letterboxed into this canvas (longer side scaled to it) and
+    the random crop is sampled inside the valid region, so a training crop is resampled
+    twice for images larger than the canvas. **Evaluation does not use this canvas** above
+    32 px: :func:`load_eval_dataset` (``simclrv2 evaluate``) and the prediction commands
+    decode each file at full resolution and crop 0.875 of the full image, as the reference's
+    ``preprocess_for_eval`` (SPEC §6; :class:`~simclrv2.data.sources.EvalImageSource`). The
+    accuracies the training stages log on a folder's test split still read this canvas (a
+    4:3 image's eval crop is then 168 px upsampled to 224); ``simclrv2 evaluate`` is the
+    measurement that matches the reference.
     """
     if image_size < 1:
         raise DataError(f"image_size must be positive; got {image_size}")
@@ -224,6 +231,50 @@ def load_dataset(
                                     progress=progress, strict=strict, max_cache_bytes=max_cache_bytes)
     if max_per_class is not None:
         source = _take_per_class(source, max_per_class)  # type: ignore[arg-type]
+    return source
+
+
+def load_eval_dataset(
+    name_or_path: str | Path,
+    transform: EvalTransformLike,
+    *,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    num_workers: int = 2,
+    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    progress: bool | None = None,
+    strict: bool = False,
+) -> ImageSource:
+    """The evaluation split of a dataset as ``simclrv2 evaluate`` reads it (SPEC §6 'Eval preprocessing').
+
+    * An image folder evaluated with a centre crop (``transform.center_crop``, image size > 32):
+      an :class:`~simclrv2.data.sources.EvalImageSource`: every file decoded at full resolution,
+      0.875 of the full image cropped (shape from its aspect ratio, rounded with rint, offset
+      ``((H - h) + 1) // 2``) and resized once to S with ``transform.resize_mode``.
+    * Everything else -- named datasets (digits, CIFAR, STL-10: their native images *are* full
+      resolution) and folders of images used at <= 32 px -- is exactly what :func:`load_dataset`
+      returns for ``split="test"`` (in memory when it fits, the fast path of CIFAR-size data);
+      ``transform`` is then applied to its batches by the caller.
+
+    The folder's files are scanned as for training (unreadable ones reported; ``strict`` stops).
+    A file that fails to decode later is left out of the evaluation with a warning (``strict``:
+    an error), never replaced by another image.
+    """
+    name = str(name_or_path)
+    image_size = int(transform.image_size)
+    if name.lower() in DATASET_NAMES or not transform.center_crop:
+        return load_dataset(name_or_path, split="test", image_size=image_size, data_root=data_root,
+                            download=download, num_workers=num_workers, max_cache_bytes=max_cache_bytes,
+                            progress=progress, strict=strict)
+    root = Path(name).expanduser()
+    if not root.exists():
+        raise DataError(f"unknown dataset {name!r}: not one of {', '.join(DATASET_NAMES)} and no such folder")
+    folder = _load_folder(root, "test", image_size=image_size, canvas_size=None, max_per_class=None, strict=strict)
+    report = folder.scan_report
+    _check_scan(report, strict)
+    samples = [(folder.file_path(i), int(label)) for i, label in enumerate(folder.labels.tolist())]
+    source = EvalImageSource(samples, folder.classes, transform, root=folder.root, skip_unreadable=not strict)
+    source.scan_report = report
     return source
 
 

@@ -10,6 +10,11 @@ region of each image. Two implementations cover the practical cases:
 * :class:`FolderImageSource` -- a sorted list of files decoded on demand with PIL and
   letterboxed into the canvas (see :mod:`simclrv2.data.decode`), for sets too large to
   keep in memory; :class:`~simclrv2.data.loader.BatchIterator` parallelises it.
+
+Evaluation above 32 px reads :class:`EvalImageSource` instead: each file decoded at full
+resolution and turned into its network input (centre crop of 0.875 of the full image, one
+resize, SPEC §6) as it is read, so its batches are float32 ``[B, 3, S, S]`` ready for the
+network (``preprocessed = True``), not canvases.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from .decode import decode_image
+from .decode import EvalTransformLike, decode_image, eval_input
 from simclrv2.errors import DataError
 
-__all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "as_index_tensor"]
+__all__ = ["Batch", "ImageSource", "TensorImageSource", "FolderImageSource", "EvalImageSource", "as_index_tensor"]
 
 IndexLike = torch.Tensor | Sequence[int]
 
@@ -70,6 +75,9 @@ class ImageSource(ABC):
     paths: list[str] | None = None
     root: Path | None = None
     scan_report = None  # a simclrv2.data.scan.ScanReport for scanned image folders
+    preprocessed = False
+    """True when batches already hold the network input (float32 ``[B, 3, S, S]``, see
+    :class:`EvalImageSource`) instead of uint8 canvases to be transformed."""
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -291,3 +299,79 @@ class FolderImageSource(ImageSource):
             else:
                 raise DataError(f"no readable image found among {self.MAX_REPLACEMENT_TRIES} files after "
                                 f"{self.file_path(start)}: is the data folder {self.root} still available?")
+
+
+class EvalImageSource(ImageSource):
+    """Image files turned into evaluation inputs one by one: float32 ``[B, 3, S, S]`` batches.
+
+    Each file goes through :func:`simclrv2.data.decode.eval_input` with ``transform`` (an
+    :class:`simclrv2.augment.EvalTransform`): above 32 px it is decoded at **full resolution**
+    and the reference's centre crop (0.875 of the full image, crop shape from its aspect ratio,
+    SPEC §6 ``_compute_crop_shape``) is resized once to S; no letterbox canvas, no second
+    resampling. Images differ in size, so they cannot share a canvas; the output rows can.
+    Nothing is cached: an evaluation pass reads every file once.
+
+    ``Batch.sizes`` is ``(S, S)`` for every row (the whole output is valid). With
+    ``skip_unreadable`` a file that fails to decode is left out of its batch (the batch is
+    shorter; a warning naming it is printed once), so it is not counted, never replaced by
+    another image; without it a :class:`DataError` naming the file is raised.
+    """
+
+    preprocessed = True
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]], classes: Sequence[str],
+                 transform: EvalTransformLike, *, root: str | Path | None = None,
+                 skip_unreadable: bool = False) -> None:
+        self.transform = transform
+        self.skip_unreadable = bool(skip_unreadable)
+        self._warned: set[int] = set()
+        self.root = Path(root) if root is not None else None
+        self.classes = list(classes)
+        paths: list[str] = []
+        for path, _ in samples:
+            p = Path(path)
+            if self.root is not None:
+                try:
+                    p = p.relative_to(self.root)
+                except ValueError as exc:
+                    if p.is_absolute():
+                        raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
+            paths.append(p.as_posix())
+        self.paths = paths
+        self.labels = _check_labels([label for _, label in samples], len(paths))
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        s = int(self.transform.image_size)
+        return s, s
+
+    def file_path(self, index: int) -> Path:
+        """Full path of image ``index`` on disk."""
+        rel = self.paths[index]
+        return self.root / rel if self.root is not None else Path(rel)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The network input of image ``index``: float32 ``[3, S, S]`` in [0, 1]."""
+        return eval_input(self.file_path(index), self.transform)
+
+    def get_batch(self, indices: IndexLike) -> Batch:
+        idx = as_index_tensor(indices, len(self))
+        s = int(self.transform.image_size)
+        images = torch.empty((idx.numel(), 3, s, s), dtype=torch.float32)
+        kept: list[int] = []
+        for i in idx.tolist():
+            try:
+                images[len(kept)] = self.load(i)
+            except DataError as exc:
+                if not self.skip_unreadable:
+                    raise
+                if i not in self._warned:
+                    self._warned.add(i)
+                    print(f"warning: skipping an unreadable image: {exc}", file=sys.stderr, flush=True)
+                continue
+            kept.append(i)
+        if len(kept) != idx.numel():
+            idx = torch.tensor(kept, dtype=torch.long)
+            images = images[: len(kept)]
+        sizes = torch.tensor([s, s], dtype=torch.long).expand(len(kept), 2).clone()
+        return Batch(images, sizes, self.labels.index_select(0, idx), idx)

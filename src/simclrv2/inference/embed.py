@@ -67,15 +67,17 @@ def _write(out: Path, embeddings: torch.Tensor, paths: list[str], labels: list[i
 
 def embed_files(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path, *, layer: str = "features",
                 batch_size: int = 256, device: str = "auto", precision: str = "auto", strict: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, resize_mode: str | None = None) -> dict[str, Any]:
     """Embed every readable image under ``paths`` and write ``out`` (``.safetensors`` or ``.npz``).
+
+    ``resize_mode``: the evaluation resize kernel (default: the checkpoint's).
 
     Returns ``{"num_images", "dim", "layer", "out", "seconds", "images_per_s"}``."""
     out = Path(out)
     if out.suffix not in EMBED_SUFFIXES:
         raise ConfigError(f"out: {out} must end in {' or '.join(EMBED_SUFFIXES)} (the output format)")
     images = collect_images(paths, strict=strict)  # cheap header checks first: bad input fails fast
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, resize_mode=resize_mode)
     if layer not in model.output_names() or layer == "logits":
         names = [n for n in model.output_names() if n != "logits"]
         raise ConfigError(f"layer: {layer!r} is not a layer of this network; choose one of {', '.join(names)}")
@@ -95,7 +97,7 @@ def embed_files(checkpoint: str | Path, paths: Sequence[str | Path], out: str | 
     files = [str(images.files[i]) for i in positions]
     labels = None if images.labels is None else [images.labels[i] for i in positions]
     info = {"layer": layer, "checkpoint": str(model.source), "arch": str(model.meta["arch"]),
-            "input_contract": model.input_contract}
+            "input_contract": model.input_contract, "resize_mode": model.resize_mode}
     _write(out, embeddings, files, labels, images.classes if labels is not None else [], info)
     rate = len(files) / seconds if seconds > 0 else float("inf")
     print(f"embedded {len(files)} images ({layer}, dim {embeddings.shape[1]}) in {seconds:.2f} s, "

@@ -16,6 +16,7 @@ fails with exit code 1.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ def export_metadata(model: InferenceModel, output: str) -> dict[str, str]:
         "simclrv2.input": "images",
         "simclrv2.output": output,
         "simclrv2.image_size": str(model.image_size),
+        "simclrv2.resize_mode": model.resize_mode,
         "simclrv2.classes": json.dumps(model.classes if output == "logits" else []),
         "simclrv2.arch": str(model.meta.get("arch")),
         "simclrv2.stage": model.stage,
@@ -108,8 +110,13 @@ def read_torchscript_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_file(checkpoint: str | Path | InferenceModel, out: str | Path, *, fmt: str = "onnx",
-                what: str = "classifier", tolerance: float = PARITY_TOLERANCE, verbose: bool = True) -> dict[str, Any]:
+                what: str = "classifier", tolerance: float = PARITY_TOLERANCE, verbose: bool = True,
+                resize_mode: str | None = None) -> dict[str, Any]:
     """Write ``out`` and check it; returns ``{"out", "format", "output", "max_abs_diff", "metadata"}``.
+
+    The graph takes already preprocessed images; ``resize_mode`` (default: the checkpoint's) is the
+    resize kernel the input contract in the file's metadata names (``simclrv2.resize_mode`` and in
+    ``simclrv2.input_contract``), the one ``evaluate`` / ``predict`` use for this checkpoint.
 
     Raises :class:`TrainingError` (exit 1, file removed) when the exported model differs from the
     PyTorch model by more than ``tolerance``."""
@@ -120,6 +127,8 @@ def export_file(checkpoint: str | Path | InferenceModel, out: str | Path, *, fmt
     if fmt == "onnx":
         _require_onnx()
     model = checkpoint if isinstance(checkpoint, InferenceModel) else load_model(checkpoint)
+    if resize_mode is not None:
+        model = copy.copy(model).set_resize_mode(resize_mode)  # the caller's model keeps its own
     model = model.to("cpu").float()
     output = "logits" if what == "classifier" else "features"
     if what == "classifier":

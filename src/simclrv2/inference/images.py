@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simclrv2.data import FolderImageSource
+from simclrv2.data.decode import EvalTransformLike
 from simclrv2.data.folders import list_images
 from simclrv2.data.scan import ScanReport, check_samples
+from simclrv2.data.sources import EvalImageSource
 from simclrv2.errors import DataError
 
 __all__ = ["ImageList", "collect_images"]
@@ -33,10 +34,11 @@ class ImageList:
     labels: list[int] | None = None
     skipped: list[str] = field(default_factory=list)
 
-    def source(self, canvas_size: int) -> FolderImageSource:
-        """The files as an :class:`ImageSource` decoded like a folder dataset (letterboxed canvas)."""
+    def source(self, transform: EvalTransformLike) -> EvalImageSource:
+        """The files as evaluation inputs (:class:`~simclrv2.data.sources.EvalImageSource`: full
+        resolution, centre crop and one resize above 32 px, the preprocessing of ``evaluate``)."""
         labels = self.labels if self.labels is not None else [-1] * len(self.files)
-        return FolderImageSource(list(zip(self.files, labels)), self.classes, canvas_size)
+        return EvalImageSource(list(zip(self.files, labels)), self.classes, transform)
 
 
 def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:

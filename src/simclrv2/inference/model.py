@@ -2,13 +2,15 @@
 
 :class:`InferenceModel` wraps the :class:`~simclrv2.models.SimCLRNet` saved by any stage with the
 description stored next to its weights (class names, image size, stage) and adds the one
-evaluation preprocessing of ``simclrv2 evaluate`` (SPEC §6 'Eval preprocessing'): each image is
-decoded to RGB and letterboxed into the canvas a folder dataset uses
-(:func:`simclrv2.data.canvas_for_image_size`, exactly what
-:class:`~simclrv2.data.FolderImageSource` does), then :class:`simclrv2.augment.EvalTransform`
-centre-crops 0.875 of the shorter side and resizes bicubically to ``image_size`` (> 32 px; CIFAR
-sizes are used as they are). The network input is float32 RGB in [0, 1], NCHW, **without**
-mean/std normalisation (the reference's convention, SPEC §1.7).
+evaluation preprocessing of ``simclrv2 evaluate`` (SPEC §6 'Eval preprocessing',
+:func:`simclrv2.data.decode.eval_input`): above 32 px each image is decoded to RGB at **full
+resolution** and :class:`simclrv2.augment.EvalTransform` centre-crops 0.875 of the whole image
+(crop shape from its aspect ratio, as the reference's ``_compute_crop_shape``) and resizes the
+crop once to ``image_size``; at CIFAR sizes (<= 32 px) the image is used as it is (letterboxed
+into the ``S x S`` canvas, as a cached folder). The resize kernel is the checkpoint's recorded one
+(``bicubic_legacy`` for imported TF1 checkpoints), else ``bicubic``; ``resize_mode`` overrides it.
+The network input is float32 RGB in [0, 1], NCHW, **without** mean/std normalisation (the
+reference's convention, SPEC §1.7).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from PIL import Image
 from torch import nn
 
 from simclrv2.augment import EvalTransform
-from simclrv2.data import canvas_for_image_size
-from simclrv2.data.decode import decode_image, letterbox
+from simclrv2.data.decode import eval_input
 from simclrv2.errors import CheckpointError, ConfigError
 from simclrv2.models.network import SimCLRNet, SimCLRNetOutput
+from simclrv2.training.evaluate import eval_transform_for
 
 __all__ = ["INPUT_CONTRACT", "ImageLike", "InferenceModel", "load_model", "input_contract"]
 
@@ -33,15 +35,24 @@ ImageLike = Union[str, Path, Image.Image]
 
 INPUT_CONTRACT = "float32 RGB in [0, 1], NCHW, H = W = {size}; no mean/std normalisation; preprocessing: {prep}"
 
+_RESIZE_WORDS = {
+    "bicubic": "bicubic (TF2 tf.image.resize: half-pixel centres, a = -0.5, no antialias)",
+    "bicubic_legacy": "bicubic (TF1 tf.image.resize_bicubic: align_corners=False, half_pixel_centers=False, "
+                      "a = -0.75)",
+    "bilinear": "bilinear (half-pixel centres, no antialias)",
+}
 
-def input_contract(image_size: int) -> str:
+
+def input_contract(image_size: int, resize_mode: str = "bicubic") -> str:
     """The input the network expects, in one sentence (written into exported files); the
     preprocessing is :class:`EvalTransform`'s (SPEC §6 'Eval preprocessing')."""
     size = int(image_size)
+    how = _RESIZE_WORDS[resize_mode]
     if EvalTransform(size).center_crop:
-        prep = f"centre crop of 0.875 of the shorter side, bicubic resize to {size}x{size}"
+        prep = (f"decode at full resolution, centre crop of 0.875 of the shorter side (rint, offset "
+                f"((H - h) + 1) // 2), one {how} resize of the crop to {size}x{size}, clip to [0, 1]")
     else:
-        prep = f"no crop (image size <= 32), the whole image resized bicubically to {size}x{size} if needed"
+        prep = f"no crop (image size <= 32), the whole image resized ({how}) to {size}x{size} if needed"
     return INPUT_CONTRACT.format(size=size, prep=prep)
 
 
@@ -57,7 +68,8 @@ class InferenceModel(nn.Module):
     (the weights file).
     """
 
-    def __init__(self, net: SimCLRNet, meta: dict[str, Any], source: str | Path | None = None) -> None:
+    def __init__(self, net: SimCLRNet, meta: dict[str, Any], source: str | Path | None = None,
+                 resize_mode: str | None = None) -> None:
         super().__init__()
         self.net = net
         self.meta = dict(meta)
@@ -67,8 +79,18 @@ class InferenceModel(nn.Module):
         self.image_size = int(meta["image_size"])
         self.stage = str(meta.get("stage") or "")
         self.source = None if source is None else Path(source)
-        self.transform = EvalTransform(self.image_size)
+        self.transform = eval_transform_for(self.meta, self.image_size, resize_mode)
         self.eval()
+
+    @property
+    def resize_mode(self) -> str:
+        """The resize kernel of :meth:`preprocess` (``bicubic``, ``bicubic_legacy`` or ``bilinear``)."""
+        return self.transform.resize_mode
+
+    def set_resize_mode(self, resize_mode: str | None) -> "InferenceModel":
+        """Preprocess with ``resize_mode`` from now on (None: the checkpoint's default); returns self."""
+        self.transform = eval_transform_for(self.meta, self.image_size, resize_mode)
+        return self
 
     # ---- what the network can do ---------------------------------------------------------
     @property
@@ -81,7 +103,7 @@ class InferenceModel(nn.Module):
 
     @property
     def input_contract(self) -> str:
-        return input_contract(self.image_size)
+        return input_contract(self.image_size, self.resize_mode)
 
     def output_names(self) -> list[str]:
         """Outputs :meth:`output_view` and :meth:`embed` accept (``logits`` only with a classifier)."""
@@ -116,27 +138,13 @@ class InferenceModel(nn.Module):
         return self.net(x)
 
     # ---- preprocessing ----------------------------------------------------------------------
-    @property
-    def canvas_size(self) -> int:
-        """Side of the letterbox canvas images are decoded into (as for an image folder)."""
-        return canvas_for_image_size(self.image_size)
-
-    def decode(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
-        """uint8 ``[3, C, C]`` canvas and valid ``(h, w)`` of one path or PIL image."""
-        canvas = (self.canvas_size, self.canvas_size)
-        if isinstance(image, Image.Image):
-            return letterbox(image, canvas)
-        return decode_image(image, canvas)
-
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Network input for one image or a list: float32 ``[B, 3, S, S]`` in [0, 1] (SPEC §6)."""
+        """Network input for one image or a list: float32 ``[B, 3, S, S]`` in [0, 1] (SPEC §6;
+        :func:`simclrv2.data.decode.eval_input`, the preprocessing of ``simclrv2 evaluate``)."""
         items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
         if not items:
             return torch.empty((0, 3, self.image_size, self.image_size))
-        decoded = [self.decode(item) for item in items]
-        canvases = torch.stack([c for c, _ in decoded])
-        sizes = torch.tensor([hw for _, hw in decoded], dtype=torch.long)
-        return self.transform(canvases, sizes=sizes)
+        return torch.stack([eval_input(item, self.transform) for item in items])
 
     def _as_input(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
@@ -187,8 +195,12 @@ def top_k_rows(logits: torch.Tensor, classes: Sequence[str], top_k: int) -> list
     return rows
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> InferenceModel:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
+               resize_mode: str | None = None) -> InferenceModel:
     """The network saved at ``path`` (a run directory or a ``.safetensors`` file), in eval mode.
+
+    ``resize_mode`` sets the kernel of :meth:`InferenceModel.preprocess` (default: the checkpoint's
+    recorded one, ``bicubic_legacy`` for imported TF1 checkpoints, else ``bicubic``).
 
     Raises :class:`~simclrv2.errors.CheckpointError` for a missing or foreign file."""
     from simclrv2.training.model_io import build_from_meta, load_checkpoint, load_state_into
@@ -204,4 +216,4 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Infer
             if name.endswith("num_batches_tracked"):
                 buffer.zero_()  # not always saved; unused in eval mode
     load_state_into(net, state, source=str(file), expected_arch=meta["arch"], source_arch=meta["arch"])
-    return InferenceModel(net, meta, source=file).to(torch.device(device))
+    return InferenceModel(net, meta, source=file, resize_mode=resize_mode).to(torch.device(device))

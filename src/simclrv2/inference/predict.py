@@ -49,8 +49,12 @@ def _write_rows(handle: TextIO, fmt: str, rows: list[dict[str, Any]], writer: An
 
 def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], *, out: str | Path | None = None,
                   fmt: str = "csv", top_k: int = 5, batch_size: int = 256, device: str = "auto",
-                  precision: str = "auto", strict: bool = False, progress: bool = True) -> dict[str, Any]:
+                  precision: str = "auto", strict: bool = False, progress: bool = True,
+                  resize_mode: str | None = None) -> dict[str, Any]:
     """Classify ``paths`` (files or folders, recursive) and write the rows to ``out`` (stdout if None).
+
+    ``resize_mode``: the evaluation resize kernel (default: the checkpoint's, see
+    :func:`simclrv2.training.evaluate.eval_resize_mode`).
 
     Returns ``{"num_images", "skipped", "seconds", "images_per_s", "out"}``."""
     if fmt not in FORMATS:
@@ -58,7 +62,7 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], *, out: s
     if top_k < 1:
         raise ConfigError(f"top-k: must be >= 1; got {top_k}")
     images = collect_images(paths, strict=strict)  # cheap header checks first: bad input fails fast
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, resize_mode=resize_mode)
     model.require_classifier("predict")
     k = min(top_k, len(model.classes))
     rt = make_runtime(device, precision)

@@ -1,11 +1,12 @@
 """Batched inference over image files on the fast path of ``simclrv2 evaluate``.
 
 Same device handling as evaluation (:class:`simclrv2.training.runtime.Runtime`: bf16 autocast on
-CPUs with native bf16 and on CUDA, channels_last) and the same preprocessing (the files are
-decoded by :class:`~simclrv2.data.FolderImageSource` into the folder canvas, then
-:class:`~simclrv2.augment.EvalTransform`, SPEC §6). Images are decoded one batch at a time, so a
-file that turns out to be unreadable only while decoding (e.g. a truncated JPEG whose header is
-intact) is reported and skipped, or stops the run with ``strict``.
+CPUs with native bf16 and on CUDA, channels_last) and the same preprocessing: each file becomes its
+network input through :class:`~simclrv2.data.sources.EvalImageSource` (full resolution, centre crop
+of 0.875 and one resize above 32 px with the model's :class:`~simclrv2.augment.EvalTransform`,
+SPEC §6). Images are decoded one batch at a time, so a file that turns out to be unreadable only
+while decoding (e.g. a truncated JPEG whose header is intact) is reported and skipped, or stops the
+run with ``strict``.
 """
 
 from __future__ import annotations
@@ -40,33 +41,28 @@ def iter_outputs(model: InferenceModel, images: ImageList, rt: Runtime, *, outpu
         raise DataError(f"batch_size: must be >= 1; got {batch_size}")
     view = rt.prepare_model(model.output_view(output))
     view.eval()
-    source = images.source(model.canvas_size)
-    transform = model.transform
+    source = images.source(model.transform)
     n = len(images.files)
-    canvas = source.canvas_size
+    s = model.image_size
     with tqdm(total=n, desc=output if output != "logits" else "predict", unit="img", disable=not progress,
               leave=False, file=sys.stderr) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             rows: list[int] = []
-            batch = torch.empty((stop - start, 3, *canvas), dtype=torch.uint8)
-            sizes = torch.empty((stop - start, 2), dtype=torch.long)
+            batch = torch.empty((stop - start, 3, s, s), dtype=torch.float32)
             for i in range(start, stop):
                 try:
-                    pixels, (h, w) = source.decode(i)
+                    batch[len(rows)] = source.load(i)
                 except DataError as exc:
                     if strict:
                         raise DataError(f"unreadable image (--strict): {exc}") from exc
                     print(f"skipped unreadable image: {exc}", file=sys.stderr)
                     continue
-                batch[len(rows)] = pixels
-                sizes[len(rows), 0], sizes[len(rows), 1] = h, w
                 rows.append(i)
             if not rows:
                 bar.update(stop - start)
                 continue
-            k = len(rows)
-            x = rt.layout(transform(rt.to_input(batch[:k]), sizes=sizes[:k].to(rt.device)))
+            x = rt.layout(rt.to_input(batch[: len(rows)]))
             with rt.autocast():
                 out = view(x)
             bar.update(stop - start)

@@ -14,11 +14,36 @@ parameter and buffer of our network is filled, except ``num_batches_tracked`` (a
 counter with no TF counterpart; it is unused with a fixed BN momentum, and left at 0).
 
 ``ft_proj_selector`` cannot be read from a checkpoint (the head's hidden layers all have the
-encoder's width), so it is an option with a default per kind of checkpoint
-(:data:`DEFAULT_SELECTOR`): ``pretrained`` and ``supervised`` checkpoints carry a linear head on
-the encoder output (0); the fine-tuned ones were fine-tuned from the first head layer (1), the
-SimCLRv2 recipe (paper §2, SPEC §2.1).  The EMA copy (``--ema``) holds no ``head_supervised``;
+encoder's width, so ``head_supervised/linear_layer/dense/kernel`` ``[2048·w, classes]`` fits
+``hiddens[0]``, ``[1]`` and ``[2]`` alike; the manifests of all 13 released architectures show
+it), so it is an option with a default per kind of checkpoint (:data:`DEFAULT_SELECTOR`), decided
+from what the reference code and paper say each kind was trained with:
+
+* ``pretrained`` -> 0: the TF1 code creates no ``head_supervised`` in pretraining; the released
+  one is the linear-evaluation head trained alongside (TF2 ``lineareval_while_pretraining``) on
+  ``stop_gradient(hiddens[ft_proj_selector])`` with the flag's default 0 (SPEC §2.2, §7); applied
+  to the average-pool features it scores within 0.8 points of the published linear-eval column
+  (Separius' conversion, SPEC §8.3).
+* ``finetuned_1pct`` / ``finetuned_10pct`` -> 1: the README's fine-tuning command passes
+  ``--ft_proj_selector=1`` and the paper fine-tunes "from the first layer of the projection head
+  for 1%/10% of labeled examples" (SPEC §2.1, §7).
+* ``finetuned_100pct`` -> 0: the same paper sentence goes on "but from the input of the
+  projection head when 100% labels are present" (SPEC §2.1).
+* ``supervised`` -> 0: the baselines were trained "with finetune mode from scratch" (SPEC §7,
+  issue #10) with the flag's default 0; with a larger selector the TF1 code would have put
+  never-trained head layers (in no ``trainable_variables_inblock_*`` collection, SPEC §2.2) between
+  encoder and classifier.
+* ``distill_1pct`` -> 0: "Students have no projection head" (SPEC §1, paper §3: the student
+  "has the same model architecture as the teacher (excluding projection head)").
+
+None of these can be confirmed from the weights without the ImageNet validation set; a user who
+knows better passes ``--ft-proj-selector``. The EMA copy (``--ema``) holds no ``head_supervised``;
 its classifier is then the live one, and results.json says so.
+
+Every import records ``eval_resize_mode = "bicubic_legacy"`` in the model meta: the released
+checkpoints come from the TF1 code, whose ``preprocess_for_eval`` resizes the centre crop with
+``tf.image.resize_bicubic`` (legacy, non-half-pixel; SPEC §6), so ``evaluate`` / ``predict`` /
+``embed`` use that kernel by default for an imported model (``--resize-mode`` overrides it).
 """
 
 from __future__ import annotations
@@ -44,6 +69,7 @@ from simclrv2.interop.tf_names import (
 )
 from simclrv2.models.network import SimCLRNet
 from simclrv2.models.registry import create_model, parse_arch
+from simclrv2.training.evaluate import EVAL_RESIZE_MODE_KEY
 from simclrv2.training.model_io import model_meta
 from simclrv2.utils.checkpoint import atomic_write_text, save_weights
 
@@ -53,8 +79,10 @@ __all__ = ["KINDS", "DEFAULT_SELECTOR", "IMPORTED_STAGE", "import_tf_checkpoint"
 #: Kinds of released checkpoints (folders of the public bucket, SPEC §8.1).
 KINDS = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised", "distill_1pct")
 #: Default ``ft_proj_selector`` per kind (see the module docstring).
-DEFAULT_SELECTOR = {"pretrained": 0, "finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 1,
+DEFAULT_SELECTOR = {"pretrained": 0, "finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0,
                     "supervised": 0, "distill_1pct": 0}
+#: Resize kernel of the reference evaluation the released TF1 checkpoints were scored with (SPEC §6).
+TF1_EVAL_RESIZE_MODE = "bicubic_legacy"
 IMPORTED_STAGE = "imported"
 MAX_CLASSES_FILE_BYTES = 4 * 1024 * 1024
 
@@ -216,6 +244,8 @@ def import_tf_checkpoint(path: str | Path, out: str | Path, *, arch: str | None 
                       ft_proj_selector=report["ft_proj_selector"], classes=names, stage=IMPORTED_STAGE)
     meta["tf_kind"] = kind
     meta["tf_source"] = str(ckpt.prefix)
+    meta[EVAL_RESIZE_MODE_KEY] = TF1_EVAL_RESIZE_MODE
+    report["eval_resize_mode"] = TF1_EVAL_RESIZE_MODE
     report["classes"] = names
     try:
         out.mkdir(parents=True, exist_ok=True)
