@@ -395,7 +395,9 @@ class CheckpointManager:
             for stem, tensors in weights.items():
                 save_weights(tensors, tmp / f"{stem}.safetensors", meta)
             save_state(state, tmp / "state.pt")
-            text = json.dumps({**meta, "step": step}, indent=2, default=str)
+            # write_id: unique per write, so copies of one checkpoint agree and two writes of the same step
+            # (another run, another node's disk) never look alike (the ranks of a resume compare meta.json)
+            text = json.dumps({**meta, "step": step, "write_id": uuid.uuid4().hex}, indent=2, default=str)
             with open(create_fresh(tmp / "meta.json"), "w", closefd=True) as handle:
                 handle.write(text)
                 handle.flush()
