@@ -325,3 +325,48 @@ def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="are you offline"):
         download_checkpoint("r50_1x_sk1", "pretrained", cache_dir=tmp_path, base_url=f"http://127.0.0.1:{port}",
                             progress=False)
+
+
+# ------------------------------------------------------------------ defaults per kind
+
+
+@needs_ref
+@pytest.mark.parametrize("name, kinds", [
+    ("r50_0.125x_sk0", ["pretrained", "finetuned_100pct", "supervised", "distill_1pct"]),  # written with selector 0
+    ("r50_0.125x_sk1", ["finetuned_1pct", "finetuned_10pct"]),                            # written with selector 1
+])
+def test_default_selector_of_each_kind_reads_what_the_reference_head_read(name: str, kinds: list[str]) -> None:
+    """``--kind`` alone (no ``--ft-proj-selector``) must reproduce ``logits_sup`` of a checkpoint trained the way
+    that kind was (SPEC §2.1, §2.2, §7; importer docstring): 0 for pretrained / 100% / supervised / distilled,
+    1 for the 1% and 10% fine-tunes. The other selector gives other logits, so the check can fail."""
+    spec = _spec(name)
+    ref = np.load(REF / name / "reference.npz")
+    size = min(spec["image_sizes"])  # the cheaper forward; logits_sup is recorded at both sizes
+    x = torch.from_numpy(ref[f"images_{size}"]).permute(0, 3, 1, 2).contiguous()
+    expected = ref[f"logits_sup_{size}"]
+    ckpt = TFCheckpoint(REF / name)
+
+    def error(net) -> float:
+        with torch.no_grad():
+            logits = net(x)["logits"].numpy()
+        return float(np.abs(logits - expected).max() / np.abs(expected).max())
+
+    for kind in kinds:
+        net, report = convert_checkpoint(ckpt, kind=kind)
+        assert report["ft_proj_selector"] == spec["ft_proj_selector"], kind
+        assert error(net) < TOLERANCE, kind
+    other, _ = convert_checkpoint(ckpt, ft_proj_selector=1 - spec["ft_proj_selector"])
+    assert error(other) > 0.01
+
+
+@needs_ref
+def test_import_records_the_tf1_eval_resize_kernel(tmp_path: Path) -> None:
+    import simclrv2
+    from simclrv2.interop.importer import import_tf_checkpoint
+
+    out = tmp_path / "imported"
+    report = import_tf_checkpoint(REF / "r50_0.125x_sk0", out, kind="supervised")
+    assert report["eval_resize_mode"] == "bicubic_legacy"
+    model = simclrv2.load_model(out)
+    assert model.resize_mode == "bicubic_legacy" and "resize_bicubic" in model.input_contract
+    assert simclrv2.load_model(out, resize_mode="bicubic").resize_mode == "bicubic"

@@ -158,8 +158,13 @@ def convert_checkpoint(ckpt: TFCheckpoint, *, arch: str | None = None, ema: bool
             raise CheckpointError(f"ft_proj_selector: {SUPERVISED}kernel reads {info.classifier_in_dim} features, "
                                   f"but hiddens[{ft_proj_selector}] has {width}; choose the selector the "
                                   "checkpoint was trained with")
-    net = create_model(name, image_size=image_size, num_proj_layers=n, proj_out_dim=info.proj_out_dim,
-                       num_classes=info.num_classes, ft_proj_selector=ft_proj_selector)
+    # Built on the meta device and then allocated uninitialised: every parameter and buffer is
+    # overwritten below (a strict load), and the random initialisation of a large ResNet costs
+    # seconds to minutes on a CPU.
+    with torch.device("meta"):
+        net = create_model(name, image_size=image_size, num_proj_layers=n, proj_out_dim=info.proj_out_dim,
+                           num_classes=info.num_classes, ft_proj_selector=ft_proj_selector)
+    net = net.to_empty(device="cpu")
     classifier_prefix = prefix if f"{prefix}{SUPERVISED}kernel" in shapes else ""
     assignments = map_network(net, list(shapes), prefix=prefix, classifier_prefix=classifier_prefix)
     state = net.state_dict()
