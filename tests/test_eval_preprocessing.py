@@ -23,6 +23,8 @@ from simclrv2.cli.main import main
 from simclrv2.data import TensorImageSource, load_dataset
 from simclrv2.data.datasets import load_eval_dataset
 from simclrv2.data.decode import decode_image, eval_input
+from simclrv2.data.sources import EvalImageSource
+from simclrv2.errors import DataError
 from simclrv2.inference.embed import load_embeddings
 from simclrv2.inference.export import read_torchscript_metadata
 from simclrv2.models import create_model
@@ -307,3 +309,18 @@ def test_small_images_keep_the_memory_cache(tmp_path):
     assert source.paths[0].endswith("0.png") and tuple(source.sizes[0].tolist()) == (32, 32)
     torch.testing.assert_close(one_by_one[0], raw, rtol=0, atol=1e-7)  # x * (1/255) vs x / 255
     assert isinstance(load_eval_dataset("digits", EvalTransform(32)), TensorImageSource)
+
+
+def test_a_file_unreadable_while_decoding_is_left_out_not_replaced(tmp_path):
+    good = _write(tmp_path / "a.png", 60, 80, seed=1)
+    jpeg = tmp_path / "b.jpg"
+    Image.fromarray(_smooth_rgb(60, 80, 2)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])  # the header survives, the scan data does not
+    transform = EvalTransform(40)
+    source = EvalImageSource([(good, 0), (jpeg, 1), (good, 1)], CLASSES, transform, skip_unreadable=True)
+    batch = source.get_batch([0, 1, 2])
+    assert batch.indices.tolist() == [0, 2] and batch.labels.tolist() == [0, 1]  # shorter, never substituted
+    torch.testing.assert_close(batch.images[0], eval_input(good, transform), rtol=0, atol=0)
+    strict = EvalImageSource([(good, 0), (jpeg, 1)], CLASSES, transform)
+    with pytest.raises(DataError, match="b.jpg"):
+        strict.get_batch([0, 1])
