@@ -6,8 +6,9 @@
 * :mod:`.predict` / :mod:`.embed` / :mod:`.export` -- ``simclrv2 predict | embed | export``.
 
 Every path uses the one evaluation preprocessing of ``simclrv2 evaluate`` (SPEC §6 'Eval
-preprocessing', :class:`simclrv2.augment.EvalTransform`): RGB in [0, 1], no mean/std
-normalisation, centre crop of 0.875 and bicubic resize above 32 px.
+preprocessing', :func:`simclrv2.data.decode.eval_input` with :class:`simclrv2.augment.EvalTransform`):
+RGB in [0, 1], no mean/std normalisation; above 32 px each image decoded at full resolution,
+centre crop of 0.875 and one resize with the checkpoint's kernel (``--resize-mode``).
 """
 
 from .model import INPUT_CONTRACT, InferenceModel, load_model
