@@ -84,6 +84,13 @@ def test_sigterm_during_linear_eval_feature_extraction_exits_143_with_one_line(e
     assert "top-1" not in rest
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
     assert not _leftovers(out)
+    # what the message advises: the same command with --resume and the same --out finishes
+    again = subprocess.run([*CLI, "linear-eval", "--checkpoint", str(encoder), "--data", "digits", "--image-size",
+                            "16", "--epochs", "1", "--no-progress", "--device", "cpu",
+                            "--precision", "fp32", "--resume", "--out", str(out)], env=ENV, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
 
 
 @pytest.mark.timeout(120)

@@ -292,7 +292,8 @@ def sigterm_stops_cleanly() -> Iterator[None]:
         yield
     except _SigtermReceived:
         raise Terminated("received SIGTERM outside a training step; stopped at once (nothing to checkpoint, no "
-                         "file left half-written, no results written); run the same command again to redo "
-                         "this stage (--resume continues a training run from its last checkpoint)") from None
+                         "file left half-written, no results written); run the same command again with "
+                         "--resume and the same --out (commands without --resume, such as evaluate, just run "
+                         "again)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
