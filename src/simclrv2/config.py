@@ -100,8 +100,11 @@ class Config:
                      TRAIN_STAGES + ("pipeline", "demo"))
     device: str = _opt("auto", "Where to train: cpu, cuda or auto (cuda when available).", ALL,
                        choices=("auto", "cpu", "cuda"))
-    precision: str = _opt("auto", "Numeric precision: auto (bf16 autocast on CPUs with bf16 and on CUDA "
-                          "GPUs that support it, else fp32), bf16, fp16 (CUDA, with gradient scaling), fp32.",
+    precision: str = _opt("auto", "Numeric precision: auto (CUDA: bf16 where the GPU supports it, else fp16; "
+                          "CPU: fp32 unless it has native bf16 (AVX-512-BF16 or AMX), then whichever of bf16 "
+                          "autocast and fp32 a short probe at the run's image size and batch measures faster, "
+                          "cached in ~/.cache/simclrv2/precision_probe.json), bf16, fp16 (CUDA, with gradient "
+                          "scaling), fp32.",
                           ALL, choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _opt(True, "Use the channels_last memory layout (faster convolutions).", NOT_DEMO)
     compile: bool = _opt(False, "torch.compile the model (CUDA; slower start, faster steps).", TRAINERS)
@@ -144,7 +147,7 @@ class Config:
     # ---- optimisation (SPEC §4, §5, §7) ------------------------------------------------
     recipe: str = _opt("auto", "Defaults of batch size, epochs and the distillation student (see "
                        "simclrv2/recipes.py): auto (default) sizes fine-tuning, supervised and distillation "
-                       "batches to >= 10 steps per epoch and >= 500 steps in all, and on a short distillation "
+                       "batches to >= 10 steps per epoch and >= 300 steps in all, and on a short distillation "
                        "budget (< 100 epochs) starts a same-architecture student from its teacher; every value "
                        "it changes is printed in the plan line. reference = SPEC §5 exactly (batch 1024/256/512, "
                        "from-scratch student); on ImageNet-scale splits the two agree.",
@@ -152,7 +155,7 @@ class Config:
     epochs: float | None = _opt(None, "Training epochs (stage default: pretrain 100, finetune 60 at <=1%% "
                                 "labels else 30, linear-eval 90, supervised 90 (recipe auto: the fine-tuning "
                                 "epochs on a label fraction), distill 400; recipe auto raises finetune and "
-                                "supervised epochs to reach 500 steps).", TRAIN_STAGES)
+                                "supervised epochs to reach 300 steps).", TRAIN_STAGES)
     max_steps: int | None = _opt(None, "Stop after this many optimiser steps (smoke runs); the schedule "
                                  "still follows --epochs unless --schedule-steps is set.", TRAIN_STAGES)
     batch_size: int | None = _opt(None, "Global batch size (stage default: pretrain/distill 512, "
@@ -672,7 +675,7 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
         changes["ft_proj_selector"] = 0  # the online probe reads the head input (SPEC §2.1)
     if cfg.ft_proj_selector is None and stage == "finetune":
         changes["ft_proj_selector"] = 1 if (cfg.labeled_list is not None or fraction < 1.0) else 0
-    if cfg.warmup_epochs is None:
+    if cfg.warmup_epochs is None and "warmup_epochs" not in changes:
         epochs = changes.get("epochs", cfg.epochs)
         changes["warmup_epochs"] = 0.05 * epochs if (stage in ("pretrain", "distill", "pipeline", "demo")
                                                      and epochs) else 0.0

@@ -19,7 +19,7 @@ from simclrv2.augment import AugmentConfig, SimCLRAugmentation
 from simclrv2.config import Config
 from simclrv2.losses import mixed_distillation_loss
 from simclrv2.optim import l2_penalty
-from simclrv2.recipes import Schedule, stage_schedule
+from simclrv2.recipes import INIT_TEACHER, Schedule, stage_schedule
 from simclrv2.training.data_setup import RunData
 from simclrv2.training.eval_log import final_evaluation, periodic_evaluation
 from simclrv2.training.model_io import export_model
@@ -54,11 +54,12 @@ class ClassifierTrainer(Trainer):
         if cfg.compile:
             self.model = torch.compile(self.model)
         classifier_scale = None
-        if teacher is not None and cfg.optimizer == "lars":
+        if teacher is not None and cfg.optimizer == "lars" and cfg.init_student != INIT_TEACHER:
             # A distillation student's classifier is excluded from LARS adaptation (as the reference's
             # head_supervised) but trained at the linear-probe rate 0.1·B/256 instead of the
             # pretraining-like peak lr, at which a plain SGD linear layer diverges. The reference has
-            # no distillation training code (SPEC §9); deviation, stated.
+            # no distillation training code (SPEC §9); deviation, stated. A student that starts as a copy
+            # of its teacher (recipe auto) keeps training its classifier as fine-tuning did, at the peak lr.
             classifier_scale = (CLASSIFIER_BASE_LR * plan.global_batch / 256) / plan.peak_lr
         self.optimizer = build_optimizer(cfg, self.net, plan.peak_lr, classifier_lr_scale=classifier_scale)
         self.teacher = None

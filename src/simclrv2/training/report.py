@@ -230,7 +230,10 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
     if stage_dir is None:
         return ""
     results, cfg = _read_json(stage_dir / "results.json"), _stage_settings(stage_dir)
-    steps, epochs, batch = results.get("steps"), cfg.get("epochs"), cfg.get("batch_size")
+    steps = results.get("steps")
+    # What the stage ran with: results.json (recipe auto sizes batch and epochs at plan time), else config.yaml
+    epochs = results.get("epochs", cfg.get("epochs"))
+    batch = results.get("batch_size", cfg.get("batch_size"))
     images = results.get("train_images")
     peak = _peak_lr(stage_dir)
     used = min(int(batch), int(images)) if isinstance(batch, int) and isinstance(images, int) else batch
@@ -251,9 +254,12 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
     if method.startswith("distill"):
         init = cfg.get("init_student", results.get("init_student"))
         alpha = cfg.get("alpha", results.get("alpha"))
-        start = "from the pretrained encoder" if init else "from scratch (the paper's choice, for 400 epochs)"
+        start = {None: "from scratch (the paper's choice, for 400 epochs)", "scratch": "from scratch (the paper's "
+                 "choice, for 400 epochs)", "teacher": "as a copy of its teacher"}.get(init, "from the encoder of "
+                                                                                    f"{init}")
         return (f"Likely cause: the distillation budget: {facts}, the student starting {start}, alpha {alpha}. "
-                "Change: raise --distill-epochs, start the student from the pretrained encoder (--init-student "
+                "Change: raise --distill-epochs, start the student from its teacher (--init-student teacher, "
+                "the default of --recipe auto below 100 epochs) or from the pretrained encoder (--init-student "
                 "pretrained), or mix in the labels with `distill: {alpha: 0.5}` (paper Eq. 3).")
     return f"{facts}."
 
