@@ -194,8 +194,15 @@ def prepare_data(cfg: Config, *, need_test: bool = True, need_train: bool = True
             labeled_source = load_dataset(cfg.data, split="train", max_per_class=cfg.max_per_class, **common)
     test = None
     if need_test and cfg.data is not None:
+        # The split every stage scores (final and periodic evaluation, kNN monitor, linear evaluation) is
+        # read as `simclrv2 evaluate` reads it (SPEC §6: folders above 32 px at full resolution, centre
+        # crop 0.875, one resize), so a stage's logged top-1 equals what evaluate reports for its weights.
+        from simclrv2.augment import EvalTransform
+        from simclrv2.data.datasets import load_eval_dataset
         try:
-            test = load_dataset(cfg.data, split="test", **common)
+            test = load_eval_dataset(cfg.data, EvalTransform(image_size), data_root=cfg.data_root,
+                                     download=cfg.download, num_workers=cfg.num_workers, strict=cfg.strict,
+                                     progress=getattr(cfg, "progress", None))
         except FileNotFoundError:
             test = None
         if test is not None and labeled_source is not None and list(test.classes) != list(labeled_source.classes):
