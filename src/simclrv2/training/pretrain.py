@@ -294,7 +294,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     metrics = trainer.fit()
     results: dict[str, Any] = {"stage": "pretrain", "arch": cfg.arch, "steps": trainer.step,
                                "image_size": data.image_size, "train_images": len(data.train),
-                               "labeled_set": data.labeled_record(), "final": metrics}
+                               "labeled_set": data.labeled_record(), "final": metrics,
+                               "precision": rt.precision, "device": rt.device.type}
     if data.test is not None:
         knn = trainer.monitor_knn(trainer.step)
         if knn is not None:

@@ -309,6 +309,15 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def _precision_used(root: Path, stages: list[dict[str, Any]], pipe: Any) -> str:
+    """The precision the stages recorded in their results.json (``--precision auto`` may probe and
+    choose per machine), else what the pipeline's setting resolves to here."""
+    used = sorted({f"{r['precision']} on {r.get('device', '?')}" for r in
+                   (_read_json(root / s["dir"] / "results.json") for s in stages if s.get("dir"))
+                   if isinstance(r.get("precision"), str)})
+    return ", ".join(used) if used else _resolved_precision(pipe)
+
+
 def _resolved_precision(pipe: Any) -> str:
     try:
         from simclrv2.training.runtime import resolve_device, resolve_precision
@@ -613,7 +622,7 @@ def build_report(root: Path, table: dict[str, Any], *, stages: list[dict[str, An
         lines.append("")
     hw = hardware()
     lines += [f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, {hw['torch_threads']} torch threads"
-              + (f", GPU {hw['gpu']}" if hw.get("gpu") else "") + f"; precision {_resolved_precision(pipe)}; "
+              + (f", GPU {hw['gpu']}" if hw.get("gpu") else "") + f"; precision {_precision_used(root, stages, pipe)}; "
               f"torch {hw['torch']}.", ""]
     lines += ["Each stage's settings (`config.yaml`; the pipeline compares them through `pipeline_stages.json`), logs (`logs/metrics.jsonl`, "
               "TensorBoard) and `results.json` are in its sub-directory; `results.json` here holds every seed's "
