@@ -128,3 +128,28 @@ def test_sigterm_while_decoding_a_folder_into_memory_exits_143_and_stops_the_wor
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
     assert not alive, f"decoding workers {alive} outlived the command"
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_in_a_pipeline_between_stages_exits_143_and_keeps_the_finished_stage(tmp_path) -> None:
+    """Sent when the pipeline announces its second stage (which then loads the first stage's weights
+    and its data): the finished pretraining stays intact and the new stage wrote no results."""
+    out = tmp_path / "pipe"
+    proc = subprocess.Popen([*CLI, "pipeline", "--data", "digits", "--image-size", "8", "--arch", "r18_0.25x_sk0",
+                             "--max-per-class", "4", "--no-progress", "--device", "cpu", "--precision", "fp32",
+                             "--label-fractions", "0.1", "--pretrain-epochs", "1", "--finetune-epochs", "2",
+                             "--distill-epochs", "1", "--supervised-epochs", "1", "--seeds", "1", "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[pipeline] finetune"):
+                proc.send_signal(signal.SIGTERM)
+                break
+    finally:
+        _, err = _stop(proc)
+    assert proc.returncode == 143, err[-3000:]
+    _assert_one_clean_line(err, "pipeline")
+    assert (out / "pretrain" / "results.json").is_file() and (out / "pretrain" / "model.safetensors").is_file()
+    stage = out / "finetune_0.1"
+    assert not (stage / "results.json").exists() and not (stage / "model.safetensors").exists()
+    assert not _leftovers(out)

@@ -287,13 +287,19 @@ def sigterm_stops_cleanly() -> Iterator[None]:
         state["stopping"] = True
         raise _SigtermReceived()
 
+    message = ("received SIGTERM outside a training step; stopped at once (nothing to checkpoint, no file left "
+               "half-written, no results written); run the same command again with --resume and the same --out "
+               "(commands without --resume, such as evaluate, just run again)")
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     except _SigtermReceived:
-        raise Terminated("received SIGTERM outside a training step; stopped at once (nothing to checkpoint, no "
-                         "file left half-written, no results written); run the same command again with "
-                         "--resume and the same --out (commands without --resume, such as evaluate, just run "
-                         "again)") from None
+        raise Terminated(message) from None
+    except BaseException as exc:
+        # The handler's exception raised inside a C extension's callback (safetensors, torch) comes out as
+        # that library's own error (e.g. "not a readable safetensors file"): the signal is still the cause.
+        if state["stopping"] and not isinstance(exc, Terminated):
+            raise Terminated(message) from exc
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
