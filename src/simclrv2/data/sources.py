@@ -101,6 +101,23 @@ class ImageSource(ABC):
         return f"{type(self).__name__}(n={len(self)}, classes={self.num_classes}, canvas={h}x{w})"
 
 
+def _paths_under(root: Path | None, files: list) -> list[str]:
+    """Sample paths relative to ``root`` (POSIX strings; kept as given without a root). Also for
+    relative roots (``--data some/folder``): paths then start with the root. An absolute path outside
+    the root is an error (a sample list must not reach outside the data folder)."""
+    paths: list[str] = []
+    for path in files:
+        p = Path(path)
+        if root is not None:
+            try:
+                p = p.relative_to(root)
+            except ValueError as exc:
+                if p.is_absolute():
+                    raise DataError(f"sample {p} lies outside the source root {root}") from exc
+        paths.append(p.as_posix())
+    return paths
+
+
 def _check_labels(labels: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() != n:
@@ -214,18 +231,8 @@ class FolderImageSource(ImageSource):
         self.root = Path(root) if root is not None else None
         self.classes = list(classes)
         self._canvas = _canvas_tuple(canvas_size)
-        paths: list[str] = []
-        for path, _ in samples:
-            p = Path(path)
-            if self.root is not None:
-                try:  # also for relative roots (``--data some/folder``): paths then start with the root
-                    p = p.relative_to(self.root)
-                except ValueError as exc:
-                    if p.is_absolute():
-                        raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
-            paths.append(p.as_posix())
-        self.paths = paths
-        self.labels = _check_labels([label for _, label in samples], len(paths))
+        self.paths = _paths_under(self.root, [path for path, _ in samples])
+        self.labels = _check_labels([label for _, label in samples], len(self.paths))
 
     @property
     def canvas_size(self) -> tuple[int, int]:
@@ -327,18 +334,8 @@ class EvalImageSource(ImageSource):
         self._warned: set[int] = set()
         self.root = Path(root) if root is not None else None
         self.classes = list(classes)
-        paths: list[str] = []
-        for path, _ in samples:
-            p = Path(path)
-            if self.root is not None:
-                try:
-                    p = p.relative_to(self.root)
-                except ValueError as exc:
-                    if p.is_absolute():
-                        raise DataError(f"sample {p} lies outside the source root {self.root}") from exc
-            paths.append(p.as_posix())
-        self.paths = paths
-        self.labels = _check_labels([label for _, label in samples], len(paths))
+        self.paths = _paths_under(self.root, [path for path, _ in samples])
+        self.labels = _check_labels([label for _, label in samples], len(self.paths))
 
     @property
     def canvas_size(self) -> tuple[int, int]:
