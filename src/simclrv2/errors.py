@@ -14,7 +14,7 @@ Exit codes (documented in the README, "What to expect after a crash"):
 2     bad settings, data or checkpoint; nothing was trained (:class:`ConfigError`,
       :class:`DataError`, :class:`CheckpointError`)
 130   interrupted with Ctrl-C (resumable)
-143   stopped by SIGTERM after saving a checkpoint (resumable)
+143   stopped by SIGTERM (inside training after saving a checkpoint; resumable)
 ====  =====================================================================
 """
 
