@@ -45,6 +45,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # 3 classes, 600 training images each: a small label space with more images per class.
     "cifar10-3class": dict(classes=("airplane", "automobile", "bird"), train_per_class=600, test_per_class=200,
                            pretrain_epochs=30),
+    # The embedded handwritten digits (1,437 training, 297 test images, 8x8 upsampled), with the two
+    # augmentation settings the data itself demands (a mirrored digit can be another digit; an 8x8 digit
+    # cropped to 8% of its area is no digit), and label fractions of 2% and 10% (1% would be 14 images,
+    # one per class and fewer).
+    "digits": dict(data="digits", pretrain_epochs=10, batch_size=256, fractions=(0.02, 0.1),
+                   extra=dict(flip=False, crop_min_area=0.25)),
 }
 """The settings, with the compute budget a user would give (everything else is the pipeline default)."""
 BUDGET = dict(arch="r18_0.5x_sk0", image_size=16, distill_epochs=4, pretrain_batch_size=128)
@@ -94,12 +100,13 @@ def check_conditions(per_seed: dict[str, Any]) -> dict[str, Any]:
     return checks
 
 
-def distill_variants(root: Path, seeds: list[int], progress: bool) -> dict[str, Any]:
+def distill_variants(root: Path, seeds: list[int], progress: bool, fractions: tuple[float, ...],
+                     extra: dict[str, Any]) -> dict[str, Any]:
     """Distil every fine-tuned teacher of the run at ``root`` again with the other student starts."""
     out: dict[str, Any] = {}
     for init in ("scratch", "pretrained"):
         rows: dict[str, dict[str, Any]] = {}
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             key = fraction_key(fraction)
             for seed in seeds:
                 tag = "" if seed == seeds[0] else f"_seed{seed}"
@@ -109,7 +116,8 @@ def distill_variants(root: Path, seeds: list[int], progress: bool) -> dict[str, 
                 if not done.exists():
                     values = dict(teacher=str(teacher), arch=BUDGET["arch"], epochs=BUDGET["distill_epochs"],
                                   seed=seed, out=str(dest), progress=progress, eval_every=0,
-                                  init_student="scratch" if init == "scratch" else str(root / "pretrain"))
+                                  init_student="scratch" if init == "scratch" else str(root / "pretrain"),
+                                  **extra)
                     distill(build_config("distill", None, values))
                 result = json.loads(done.read_text())
                 rows.setdefault(key, {})[str(seed)] = {"top1": result["top1"], "top5": result["top5"]}
@@ -118,27 +126,34 @@ def distill_variants(root: Path, seeds: list[int], progress: bool) -> dict[str, 
 
 
 def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    data = build_subsample(Path(args.data), Path(args.work) / "data" / name, spec["classes"],
-                           spec["train_per_class"], spec["test_per_class"])
+    if "data" in spec:
+        data = spec["data"]
+    else:
+        data = str(build_subsample(Path(args.data), Path(args.work) / "data" / name, spec["classes"],
+                                   spec["train_per_class"], spec["test_per_class"]))
     root = Path(args.work) / name
-    settings = dict(data=str(data), out=str(root), label_fractions=list(FRACTIONS), seeds=args.seeds,
-                    arch=BUDGET["arch"], image_size=BUDGET["image_size"], batch_size=BUDGET["pretrain_batch_size"],
+    fractions = spec.get("fractions", FRACTIONS)
+    settings = dict(data=data, out=str(root), label_fractions=list(fractions), seeds=args.seeds,
+                    arch=BUDGET["arch"], image_size=BUDGET["image_size"],
+                    batch_size=spec.get("batch_size", BUDGET["pretrain_batch_size"]),
                     pretrain_epochs=max(spec["pretrain_epochs"] * args.scale, 0.05),
                     distill_epochs=max(BUDGET["distill_epochs"] * args.scale, 0.05),
-                    eval_every=0, progress=not args.no_progress)
+                    eval_every=0, progress=not args.no_progress, **spec.get("extra", {}))
     start = time.perf_counter()
     table = run_pipeline(build_config("pipeline", None, settings))
     elapsed = time.perf_counter() - start
     per_seed = {m: {k: cell["seeds"] for k, cell in rows.items()} for m, rows in table.items()}
     checks = check_conditions(per_seed)
     result: dict[str, Any] = {
-        "setting": name, "subsample": {k: spec[k] for k in ("classes", "train_per_class", "test_per_class")},
+        "setting": name, "subsample": {k: spec[k] for k in ("classes", "train_per_class", "test_per_class", "data",
+                                                           "extra") if k in spec},
         "settings": {k: v for k, v in settings.items() if k not in ("progress",)}, "table": table,
         "checks": checks, "all_met": all(c["met"] for c in checks.values()), "elapsed_s": round(elapsed, 1),
         "stage_seconds": load_stage_seconds(root), "hardware": hardware(), "seeds": args.seeds}
     seeds = [int(s) for s in next(iter(next(iter(per_seed.values())).values()))]
     if args.distill_variants is not None and (not args.distill_variants or name in args.distill_variants):
-        variants = distill_variants(root, sorted(seeds), not args.no_progress)
+        variants = distill_variants(root, sorted(seeds), not args.no_progress, tuple(fractions),
+                                    spec.get("extra", {}))
         variants["teacher (recipe auto)"] = per_seed.get("distill", {})
         variants["teacher_finetune"] = per_seed.get("finetune", {})
         result["distill_variants"] = {init: aggregate_seeds({init: rows})[init] for init, rows in variants.items()}
@@ -159,13 +174,14 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         for name, check in result["checks"].items():
             lines.append(f"- {'met' if check['met'] else '**NOT met**'}: {check['condition']} at "
                          f"{name.rsplit('_', 1)[1]}: {check['sentence']}")
+        fractions = result["settings"]["label_fractions"]
         if "distill_variants" in result:
             lines += ["", "Distillation, by where the student starts (top-1 %, mean ± std over seeds):", "",
-                      "| student start | " + " | ".join(f"{float(f) * 100:g}% labels" for f in map(str, FRACTIONS))
-                      + " |", "|---|" + "---|" * len(FRACTIONS)]
+                      "| student start | " + " | ".join(f"{f * 100:g}% labels" for f in fractions)
+                      + " |", "|---|" + "---|" * len(fractions)]
             for init, rows in result["distill_variants"].items():
                 cells = []
-                for fraction in FRACTIONS:
+                for fraction in fractions:
                     cell = rows.get(fraction_key(fraction))
                     cells.append(f"{cell['top1'] * 100:.1f} ± {cell['top1_std'] * 100:.1f}" if cell else "-")
                 lines.append(f"| {init} | " + " | ".join(cells) + " |")

@@ -309,6 +309,29 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def recipe_lines(root: Path, stages: list[dict[str, Any]]) -> list[str]:
+    """What the recipe (``--recipe auto`` by default, simclrv2/recipes.py) set that the user did not:
+    each stage's batch, epochs and steps, and the notes it printed in its plan line."""
+    rows, recipe = [], None
+    for stage in stages:
+        results = _read_json(root / stage["dir"] / "results.json") if stage.get("dir") else {}
+        if "recipe" not in results:
+            continue
+        recipe = recipe or results["recipe"]
+        notes = list(results.get("recipe_notes") or [])
+        if results.get("init_student") == "teacher":
+            notes.append("the student starts as a copy of its teacher (--init-student teacher: the recipe's "
+                         "choice below 100 distillation epochs, unless set by the user)")
+        rows.append([stage["name"], str(results.get("batch_size", "")), f"{results.get('epochs', 0):g}",
+                     str(results.get("steps", "")), "; ".join(notes) or "-"])
+    if not rows:
+        return []
+    return ["## Recipe", "",
+            f"Recipe {recipe} (`--recipe`; `reference` = SPEC §5 exactly). What each classifier stage ran with; "
+            "the notes name every value the recipe changed from the reference:", "",
+            *_md_table(["stage", "batch", "epochs", "steps", "recipe notes"], rows)]
+
+
 def _precision_used(root: Path, stages: list[dict[str, Any]], pipe: Any) -> str:
     """The precision the stages recorded in their results.json (``--precision auto`` may probe and
     choose per machine), else what the pipeline's setting resolves to here."""
@@ -585,6 +608,7 @@ def build_report(root: Path, table: dict[str, Any], *, stages: list[dict[str, An
                      + (f" (one seed: by more than {ONE_SEED_REGRESSION_POINTS:g} point)" if len(seeds) == 1
                         else "") + ".")
     lines.append("")
+    lines += recipe_lines(root, stages)
 
     lines += ["## Plots", ""]
     if plot_accuracy_vs_fraction(table, root / "accuracy_vs_label_fraction.png", titles=titles, chance=chance):
