@@ -138,3 +138,10 @@ def test_scratch_student_and_reference_recipe_keep_the_papers_start(teacher, tmp
     assert not any(k.startswith("head.") for k in keys)
     res = json.loads((out / "results.json").read_text())
     assert res["batch_size"] == 40 and res["recipe"] == "reference"      # 512 capped at the 40 images
+
+
+def test_the_report_lists_what_the_recipe_changed(teacher):
+    from simclrv2.training.report import recipe_lines
+    lines = "\n".join(recipe_lines(teacher.parent, [{"name": "finetune 0.5", "dir": teacher.name}]))
+    assert "## Recipe" in lines and "Recipe auto" in lines
+    assert "| finetune 0.5 | 20 | 300 | 2 |" in lines and "reference 30" in lines   # --max-steps 2 of 301
