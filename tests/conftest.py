@@ -23,6 +23,17 @@ def write_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int],
     return path
 
 
+def child_pids(pid: int) -> list[int]:
+    """PIDs of the direct child processes of ``pid`` (Linux /proc): the decoding workers of a real run."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """``ROOT/train/<class>/*`` (4 images) and ``ROOT/test/<class>/*`` (2) for 3 classes.

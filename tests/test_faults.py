@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_pids
+
 DRIVER = r'''
 import json, os, signal, sys
 import torch
@@ -166,23 +168,13 @@ def _noise_folder(root: Path, per_class: int, size: int) -> Path:
     return root
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
 def _kill_a_worker(proc: subprocess.Popen) -> int:
     """SIGKILL (what the OOM killer sends) one decoding worker of ``proc`` once it has two."""
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no decoding workers within 120 s"
-        workers = _children(proc.pid)
+        workers = child_pids(proc.pid)
         if len(workers) >= 2:
             os.kill(workers[0], signal.SIGKILL)
             return workers[0]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import child_pids
 import torch
 from PIL import Image
 
@@ -28,17 +30,6 @@ CLI = [sys.executable, "-m", "simclrv2.cli.main"]
 
 def _leftovers(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name) if run.exists() else []
-
-
-def _children(pid: int) -> list[int]:
-    """PIDs of the direct child processes of ``pid`` (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 def _stop(proc: subprocess.Popen) -> tuple[str, str]:
@@ -114,7 +105,7 @@ def test_sigterm_while_decoding_a_folder_into_memory_exits_143_and_stops_the_wor
         while len(workers) < 2:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no decoding workers within 60 s"
-            workers = _children(proc.pid)
+            workers = child_pids(proc.pid)
             time.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
     finally:
