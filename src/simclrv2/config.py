@@ -643,7 +643,7 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
                 changes["use_blur"] = bool(preset.use_blur)
             if cfg.color_jitter_strength is None:
                 changes["color_jitter_strength"] = float(preset.color_jitter_strength)
-    fraction = 1.0 if cfg.label_fraction is None and cfg.labeled_list is None else (cfg.label_fraction or 0.0)
+    fraction = label_fraction_of(cfg)
     if stage in recipes.SCHEDULED_STAGES and cfg.recipe == "reference":
         # SPEC §5 numbers are static: written into config.yaml. Recipe auto leaves batch (and fine-tuning /
         # supervised epochs) unset here; recipes.stage_schedule sizes them on the training set at plan time.
@@ -683,6 +683,14 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
 
 
 DEFAULT_DATA = "digits"
+
+
+def label_fraction_of(cfg: Config) -> float:
+    """The labelled fraction the stage defaults follow: 1.0 for all labels; a ``--labeled-list`` of
+    unknown size counts as a small fraction (0.0: the 1%-labels defaults)."""
+    if cfg.label_fraction is None and cfg.labeled_list is None:
+        return 1.0
+    return cfg.label_fraction or 0.0
 
 
 def _finetune_learning_rate(arch: Any, fallback: str) -> float:

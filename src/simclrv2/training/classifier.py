@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclrv2.augment import AugmentConfig, SimCLRAugmentation
-from simclrv2.config import Config
+from simclrv2.config import Config, label_fraction_of
 from simclrv2.losses import mixed_distillation_loss
 from simclrv2.optim import l2_penalty
 from simclrv2.recipes import INIT_TEACHER, Schedule, stage_schedule
@@ -105,9 +105,8 @@ def apply_recipe(stage: str, cfg: Config, num_examples: int) -> tuple[Config, Sc
     """The stage's batch size and epochs on ``num_examples`` training images (SPEC §5 or recipe auto,
     :func:`simclrv2.recipes.stage_schedule`), and ``--evals-per-stage`` turned into ``--eval-every``
     once the epochs are known."""
-    fraction = None if (cfg.label_fraction is None and cfg.labeled_list is None) else (cfg.label_fraction or 0.0)
     schedule = stage_schedule(stage, cfg.recipe, num_examples, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                              label_fraction=fraction)
+                              label_fraction=label_fraction_of(cfg))
     changes: dict[str, Any] = dict(batch_size=schedule.batch_size, epochs=schedule.epochs)
     if cfg.eval_every is None and cfg.evals_per_stage:
         changes["eval_every"] = max(1, math.ceil(schedule.epochs / cfg.evals_per_stage))

@@ -202,7 +202,7 @@ def prepare_data(cfg: Config, *, need_test: bool = True, need_train: bool = True
         try:
             test = load_eval_dataset(cfg.data, EvalTransform(image_size), data_root=cfg.data_root,
                                      download=cfg.download, num_workers=cfg.num_workers, strict=cfg.strict,
-                                     progress=getattr(cfg, "progress", None))
+                                     progress=cfg.progress)
         except FileNotFoundError:
             test = None
         if test is not None and labeled_source is not None and list(test.classes) != list(labeled_source.classes):

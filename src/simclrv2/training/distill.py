@@ -18,6 +18,7 @@ from confident wrong answers (on the demo data: 50.8% -> 82.5% top-1 after the s
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from simclrv2.config import Config
@@ -44,20 +45,20 @@ def init_student_encoder(student, path: str, arch: str) -> None:
     load_state_into(student.encoder, encoder_state, source=str(file), expected_arch=arch, source_arch=meta["arch"])
 
 
-def student_from_teacher(teacher_path: str, arch: str, teacher_meta: dict[str, Any]):
-    """``--init-student teacher``: the student is a copy of the teacher (encoder, the head layers it
-    kept and its classifier), so distillation continues from the teacher's function instead of
-    rebuilding it (recipe auto on a short budget, see :mod:`simclrv2.recipes`)."""
+def student_from_teacher(teacher, arch: str, teacher_meta: dict[str, Any]):
+    """``--init-student teacher``: the student is a copy of the (already loaded) teacher network:
+    encoder, the head layers it kept and its classifier, so distillation continues from the teacher's
+    function instead of rebuilding it (recipe auto on a short budget, see :mod:`simclrv2.recipes`)."""
     if teacher_meta["arch"] != arch:
         raise ConfigError(f"init_student: 'teacher' copies the teacher, a {teacher_meta['arch']} network, but the "
                           f"student is {arch}; give --arch {teacher_meta['arch']} or --init-student scratch")
-    student, _ = load_network(teacher_path)
-    meta = {**teacher_meta, "stage": "distill"}
-    meta = model_meta(arch=meta["arch"], image_size=meta["image_size"], num_proj_layers=meta["num_proj_layers"],
-                      proj_out_dim=meta.get("proj_out_dim", 128), num_classes=meta["num_classes"],
-                      ft_proj_selector=meta.get("ft_proj_selector", 0), head_layers_kept=meta.get("head_layers_kept"),
-                      classes=meta.get("classes"), stage="distill")
-    return student, meta
+    meta = model_meta(arch=teacher_meta["arch"], image_size=teacher_meta["image_size"],
+                      num_proj_layers=teacher_meta["num_proj_layers"],
+                      proj_out_dim=teacher_meta.get("proj_out_dim", 128), num_classes=teacher_meta["num_classes"],
+                      ft_proj_selector=teacher_meta.get("ft_proj_selector", 0),
+                      head_layers_kept=teacher_meta.get("head_layers_kept"), classes=teacher_meta.get("classes"),
+                      stage="distill")
+    return copy.deepcopy(teacher), meta
 
 
 def describe_init(cfg: Config) -> str:
@@ -98,7 +99,7 @@ def distill(cfg: Config) -> dict[str, Any]:
                           "the teacher's labelled data (the default when --data is not given)")
     warnings = check_labels_against_teacher(cfg, data, teacher_set)
     if cfg.init_student == INIT_TEACHER:
-        student, meta = student_from_teacher(cfg.teacher, cfg.arch, teacher_meta)
+        student, meta = student_from_teacher(teacher, cfg.arch, teacher_meta)
     else:
         meta = model_meta(arch=cfg.arch, image_size=data.image_size, num_proj_layers=0,
                           num_classes=data.num_classes, classes=data.classes, stage="distill")
