@@ -59,15 +59,17 @@ def load_average() -> list[float] | None:
 
 
 def _build_subsample(cifar: Path, out: Path, train_per_class: int, test_per_class: int, key: str,
-                     place: Callable[[Path, Path], None]) -> Path:
-    """``out/{train,test}/<class>/`` with the first ``n`` CIFAR JPEGs of each class put there by
-    ``place(src, dest_file)``; built once per ``key`` (a ``.complete`` marker), then reused."""
+                     place: Callable[[Path, Path], None], classes: tuple[str, ...] | None = None) -> Path:
+    """``out/{train,test}/<class>/`` with the first ``n`` CIFAR JPEGs of each class (of ``classes``, or
+    all) put there by ``place(src, dest_file)``; built once per ``key`` (a ``.complete`` marker), then reused."""
     done = out / ".complete"
-    want = f"{key} {train_per_class} {test_per_class}"
+    want = f"{key} {train_per_class} {test_per_class}" + (f" {','.join(classes)}" if classes else "")
     if done.exists() and done.read_text() == want:
         return out
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for class_dir in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
+            if classes is not None and class_dir.name not in classes:
+                continue
             dest = out / split / class_dir.name
             dest.mkdir(parents=True, exist_ok=True)
             for src in sorted(class_dir.glob("*.jpg"))[:n]:
@@ -87,13 +89,14 @@ def make_jpeg_folder(cifar: Path, out: Path, side: int, train_per_class: int, te
     return _build_subsample(cifar, out, train_per_class, test_per_class, f"{side}px", upsample)
 
 
-def subsample_cifar(cifar: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
+def subsample_cifar(cifar: Path, out: Path, train_per_class: int, test_per_class: int,
+                    classes: tuple[str, ...] | None = None) -> Path:
     """Symlinked subsample (the test split too: the monitor's cost depends on its size)."""
     def link(src: Path, dest: Path) -> None:
         if not dest.exists():
             dest.symlink_to(src.resolve())
 
-    return _build_subsample(cifar, out, train_per_class, test_per_class, "links", link)
+    return _build_subsample(cifar, out, train_per_class, test_per_class, "links", link, classes)
 
 
 # ---- isolated step (worker process) -------------------------------------------------------------

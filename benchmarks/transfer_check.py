@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from end_to_end import subsample_cifar  # benchmarks/ (this script's folder) is on sys.path
+
 from simclrv2.config import build_config
 from simclrv2.training.distill import distill
 from simclrv2.training.pipeline import format_table, fraction_key, load_stage_seconds, run_pipeline
@@ -59,27 +61,6 @@ batch 128 (about 15 steps per epoch, 420-450 steps in all: at batch 512, 20 epoc
 kNN monitor ended at 14.9%, barely above chance), and a short distillation (4 epochs, as in the issue's
 run; the paper's students train 400)."""
 FRACTIONS = (0.01, 0.1)
-
-
-def build_subsample(cifar: Path, out: Path, classes: tuple[str, ...] | None, train_per_class: int,
-                    test_per_class: int) -> Path:
-    """``out/{train,test}/<class>/`` symlinks to the first images of each chosen class (built once)."""
-    want = json.dumps([classes, train_per_class, test_per_class])
-    done = out / ".complete"
-    if done.exists() and done.read_text() == want:
-        return out
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
-            if classes is not None and class_dir.name not in classes:
-                continue
-            dest = out / split / class_dir.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for src in sorted(class_dir.glob("*.jpg"))[:n]:
-                link = dest / src.name
-                if not link.exists():
-                    link.symlink_to(src.resolve())
-    done.write_text(want)
-    return out
 
 
 def check_conditions(per_seed: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +110,8 @@ def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace) -> di
     if "data" in spec:
         data = spec["data"]
     else:
-        data = str(build_subsample(Path(args.data), Path(args.work) / "data" / name, spec["classes"],
-                                   spec["train_per_class"], spec["test_per_class"]))
+        data = str(subsample_cifar(Path(args.data), Path(args.work) / "data" / name, spec["train_per_class"],
+                                   spec["test_per_class"], classes=spec["classes"]))
     root = Path(args.work) / name
     fractions = spec.get("fractions", FRACTIONS)
     settings = dict(data=data, out=str(root), label_fractions=list(fractions), seeds=args.seeds,
