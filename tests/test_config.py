@@ -31,8 +31,11 @@ def _cli_config(argv: list[str]):
                                       ("r50_1x_sk1", 0.002), ("r152_3x_sk1", 0.002)])
 def test_finetune_learning_rate_follows_the_architecture(tmp_path, arch, lr):
     # the fine-tuned network is the checkpoint's: its recorded architecture decides (SPEC §0, §5)
-    cfg = build_config("finetune", None, {"checkpoint": str(_weights_file(tmp_path, arch))})
+    cfg = build_config("finetune", None, {"checkpoint": str(_weights_file(tmp_path, arch)), "recipe": "reference"})
     assert cfg.learning_rate == lr
+    # recipe auto fine-tunes from a probe classifier at a quarter of the rate (recipes.py)
+    auto = build_config("finetune", None, {"checkpoint": str(_weights_file(tmp_path, arch))})
+    assert auto.classifier_init == "probe" and auto.learning_rate == pytest.approx(lr / 4)
     assert cfg.learning_rate_scaling == "sqrt" and cfg.optimizer == "lars"
     assert cfg.weight_decay == 0.0 and cfg.warmup_epochs == 0.0
 
@@ -41,7 +44,7 @@ def test_finetune_learning_rate_from_a_run_directory(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     save_weights({"w": torch.zeros(1)}, run / "model.safetensors", {"arch": "r101_2x_sk1", "data": "digits"})
-    assert build_config("finetune", None, {"checkpoint": str(run)}).learning_rate == 0.002
+    assert build_config("finetune", None, {"checkpoint": str(run), "recipe": "reference"}).learning_rate == 0.002
     # an explicit learning rate always wins
     assert build_config("finetune", None, {"checkpoint": str(run), "learning_rate": 0.01}).learning_rate == 0.01
 
@@ -55,9 +58,10 @@ def test_finetune_epochs_and_head_selector_follow_the_label_fraction(tmp_path, f
     cfg = build_config("finetune", None, {**values, "recipe": "reference"})
     assert (cfg.epochs, cfg.batch_size) == (epochs, 1024)   # SPEC §5, written into config.yaml
     assert cfg.ft_proj_selector == selector
-    # recipe auto (the default) leaves them to recipes.stage_schedule, which starts from the same epochs
+    # recipe auto (the default) leaves them to recipes.stage_schedule, which starts from the same epochs,
+    # and fine-tunes from the head input (what linear evaluation reads; recipes.py)
     cfg = build_config("finetune", None, values)
-    assert (cfg.epochs, cfg.batch_size, cfg.ft_proj_selector) == (None, None, selector)
+    assert (cfg.epochs, cfg.batch_size, cfg.ft_proj_selector) == (None, None, 0)
     assert stage_schedule("finetune", "auto", 100_000, batch_size=None, epochs=None,
                           label_fraction=fraction).epochs == epochs
     # explicit values are kept

@@ -86,7 +86,7 @@ def test_report_states_claims_with_spread_and_embeds_plots(piped):
     assert "Pretraining + fine-tuning" in report and "(2 seeds)" in report
     assert "Self-distillation" in report
     assert "chance is 10.0% top-1" in report and "297 test images" in report
-    assert "fine-tuned from head layer 1" in report             # from the run's settings
+    assert "fine-tuned from head layer 0 (r18_1x_sk0, classifier from a linear probe)" in report  # settings
     assert "## Time and hardware" in report and "logical CPUs" in report
     for png in ("accuracy_vs_label_fraction.png", "training_curves.png", "knn_monitor.png",
                 "confusion_matrix.png"):

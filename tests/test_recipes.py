@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from simclrv2 import recipes
 from simclrv2.cli.main import main
 from simclrv2.config import build_config
+from simclrv2.errors import ConfigError
 from simclrv2.recipes import stage_schedule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,8 +100,9 @@ def test_a_smaller_student_starts_from_scratch():
 def teacher(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipe")
     cli("pretrain", *COMMON, "--batch-size", "8", "--epochs", "1", "--max-steps", "2", "--out", root / "pre")
+    # head layer 1: a teacher with a head layer, so that the student's copy of it is checked below
     cli("finetune", *COMMON, "--checkpoint", root / "pre", "--label-fraction", "0.5", "--max-steps", "2",
-        "--out", root / "ft")
+        "--ft-proj-selector", "1", "--out", root / "ft")
     return root / "ft"
 
 
@@ -145,3 +148,65 @@ def test_the_report_lists_what_the_recipe_changed(teacher):
     lines = "\n".join(recipe_lines(teacher.parent, [{"name": "finetune 0.5", "dir": teacher.name}]))
     assert "## Recipe" in lines and "Recipe auto" in lines
     assert "| finetune 0.5 | 20 | 300 | 2 |" in lines and "reference 30" in lines   # --max-steps 2 of 301
+
+
+# ------------------------------------------------------------------ fine-tuning from a linear probe (LP-FT)
+@pytest.mark.parametrize("fraction", [0.1, None])
+def test_auto_fine_tunes_from_the_head_input_and_a_probe_the_reference_from_layer_1_and_zero(fraction):
+    def config(**values):
+        return build_config("finetune", None, {"checkpoint": "/x", "label_fraction": fraction, **values},
+                            check_paths=False)
+    assert (config().classifier_init, config().ft_proj_selector) == ("probe", 0)
+    ref = config(recipe="reference")
+    assert (ref.classifier_init, ref.ft_proj_selector) == ("zero", 1 if fraction else 0)   # SPEC §2.1, §2.2
+    own = config(classifier_init="zero", ft_proj_selector=2)
+    assert (own.classifier_init, own.ft_proj_selector) == ("zero", 2)
+
+
+@pytest.mark.parametrize("init", ["probe", "zero"])
+def test_fine_tuning_starts_from_the_linear_evaluation_classifier(teacher, tmp_path, capsys, init):
+    # At ft_proj_selector 0 the probe reads what linear evaluation reads (head input, centre crops, the same
+    # labelled images), so with a learning rate of 1e-30 the fine-tuned classifier must BE linear
+    # evaluation's classifier; with --classifier-init zero it stays at zero (SPEC §2.2).
+    pre = teacher.parent / "pre"
+    cli("linear-eval", *COMMON[:-2], "--checkpoint", pre, "--label-fraction", "0.5", "--out", tmp_path / "le")
+    cli("finetune", *COMMON, "--checkpoint", pre, "--label-fraction", "0.5", "--ft-proj-selector", "0",
+        "--classifier-init", init, "--learning-rate", "1e-30", "--max-steps", "1", "--out", tmp_path / "ft")
+    printed = capsys.readouterr().out
+    linear, tuned = load_file(tmp_path / "le" / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert res["classifier_init"] == init
+    if init == "probe":
+        assert "starts as a linear probe" in printed
+        assert linear["classifier.weight"].abs().max() > 0.01
+        for key in ("classifier.weight", "classifier.bias"):
+            assert (tuned[key] - linear[key]).abs().max() <= 1e-5, key
+        assert 0.0 < res["probe_train_top1"] <= 1.0
+    else:
+        assert tuned["classifier.weight"].abs().max() <= 1e-12 and "linear probe" not in printed
+
+
+def test_batchnorm_statistics_follow_the_recipe_and_the_student_start():
+    def config(stage, **values):
+        source = {"finetune": "checkpoint", "distill": "teacher"}[stage]
+        return build_config(stage, None, {source: "/x", **values}, check_paths=False)
+    assert config("finetune").bn_stats == "frozen" and config("finetune", recipe="reference").bn_stats == "train"
+    assert config("distill", epochs=4).bn_stats == "frozen"                    # a copy of its teacher
+    assert config("distill").bn_stats == "train"                               # 400 epochs from scratch
+    with pytest.raises(ConfigError, match="bn_stats: frozen"):
+        config("distill", bn_stats="frozen", init_student="scratch")
+
+
+@pytest.mark.parametrize("bn_stats", ["frozen", "train"])
+def test_frozen_batchnorm_statistics_stay_the_pretrained_ones(teacher, tmp_path, bn_stats):
+    # 2 real fine-tuning steps: frozen statistics are bit-equal to the checkpoint's, re-estimated ones move.
+    pre = teacher.parent / "pre"
+    cli("finetune", *COMMON, "--checkpoint", pre, "--label-fraction", "0.5", "--bn-stats", bn_stats,
+        "--max-steps", "2", "--out", tmp_path / "ft")
+    start, tuned = load_file(pre / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    stats = [k for k in tuned if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    moved = [k for k in stats if not torch.equal(start[k], tuned[k])]
+    assert (moved == []) if bn_stats == "frozen" else (len(moved) == len(stats))
+    gammas = [k for k in tuned if k.startswith("encoder.") and k.replace(".weight", ".running_mean") in stats]
+    assert any(not torch.equal(start[k], tuned[k]) for k in gammas)            # gamma still trains

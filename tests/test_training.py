@@ -163,14 +163,15 @@ def test_finetune_from_the_pretraining_run(ft, pre):
     res = results(ft)
     assert_accuracy(res)
     assert res["stage"] == "finetune" and res["steps"] == 2
-    assert res["ft_proj_selector"] == 1                               # default below 100% labels
+    # recipe auto: the head input and a probe classifier (reference: head layer 1, zero classifier)
+    assert res["ft_proj_selector"] == 0 and res["classifier_init"] == "probe"
     assert res["num_labeled"] == 10                                   # 25% of 40, class-balanced
     keys = model_keys(ft)
-    assert head_layers(keys) == {0}
+    assert head_layers(keys) == set()
     tensors, meta = load_weights(ft / "model.safetensors")
-    assert meta["num_classes"] == 10 and meta["head_layers_kept"] == 1
+    assert meta["num_classes"] == 10 and meta["head_layers_kept"] == 0
     assert tensors["classifier.weight"].shape[0] == 10
-    assert yaml.safe_load((ft / "config.yaml").read_text())["learning_rate"] == 0.005
+    assert yaml.safe_load((ft / "config.yaml").read_text())["learning_rate"] == 0.00125   # 0.005 / 4 (recipe auto)
 
 
 @pytest.mark.parametrize("k", [0, 2])

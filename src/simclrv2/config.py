@@ -131,8 +131,21 @@ class Config:
                                 ("pretrain", "pipeline"))
     proj_out_dim: int = _opt(128, "Projection output width (SPEC §2.1).", ("pretrain", "pipeline"))
     ft_proj_selector: int | None = _opt(None, "Head layer the classifier reads: 0 = head input, k = output of "
-                                        "layer k, -1 = last. Default: 1 when fine-tuning on a label fraction "
-                                        "below 1, else 0 (SPEC §2.1).", ("pretrain", "finetune", "pipeline"))
+                                        "layer k, -1 = last. Default: 0 with --recipe auto (the layer linear "
+                                        "evaluation reads); with --recipe reference 1 on a label fraction below 1, "
+                                        "else 0 (SPEC §2.1).", ("pretrain", "finetune", "pipeline"))
+    classifier_init: str | None = _opt(None, "How fine-tuning starts its classifier: zero (SPEC §2.2 "
+                                       "zero_init_logits_layer, the reference) or probe (first fit a linear "
+                                       "classifier on the frozen features of the labelled images, then fine-tune "
+                                       "everything from it: LP-FT, Kumar et al. 2022). Default: probe with "
+                                       "--recipe auto, zero with --recipe reference.", ("finetune", "pipeline"),
+                                       choices=("zero", "probe"))
+    bn_stats: str | None = _opt(None, "BatchNorm statistics while fine-tuning (and while distilling into a copy "
+                                "of the teacher): train (re-estimate them from each training batch, the "
+                                "reference) or frozen (keep the pretrained running statistics; gamma and beta "
+                                "still train). Default: frozen with --recipe auto, train with --recipe "
+                                "reference and for a student that starts from scratch or an encoder.",
+                                ("finetune", "distill", "pipeline"), choices=("train", "frozen"))
     checkpoint: str | None = _opt(None, "Checkpoint to start from (a run directory or a .safetensors file).",
                                   ("finetune", "linear-eval", "evaluate"))
     teacher: str | None = _opt(None, "Fine-tuned (or distilled) teacher checkpoint (a run directory or "
@@ -148,9 +161,11 @@ class Config:
     recipe: str = _opt("auto", "Defaults of batch size, epochs and the distillation student (see "
                        "simclrv2/recipes.py): auto (default) sizes fine-tuning, supervised and distillation "
                        "batches to >= 10 steps per epoch and >= 300 steps in all, and on a short distillation "
-                       "budget (< 100 epochs) starts a same-architecture student from its teacher; every value "
-                       "it changes is printed in the plan line. reference = SPEC §5 exactly (batch 1024/256/512, "
-                       "from-scratch student); on ImageNet-scale splits the two agree.",
+                       "budget (< 100 epochs) starts a same-architecture student from its teacher; it fine-tunes "
+                       "from the head input with a linear-probe classifier and frozen BatchNorm statistics; every "
+                       "value it changes is printed in the plan line. reference = SPEC §5 exactly (batch "
+                       "1024/256/512, head layer 1, zero classifier, from-scratch student); on ImageNet-scale "
+                       "splits the two choose the same batch and epochs.",
                        ("finetune", "supervised", "distill", "pipeline"), choices=("auto", "reference"))
     epochs: float | None = _opt(None, "Training epochs (stage default: pretrain 100, finetune 60 at <=1%% "
                                 "labels else 30, linear-eval 90, supervised 90 (recipe auto: the fine-tuning "
@@ -652,8 +667,11 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
         if cfg.epochs is None:
             changes["epochs"] = recipes.reference_epochs(stage, fraction)
     if stage == "finetune":
+        if cfg.classifier_init is None:
+            changes["classifier_init"] = recipes.classifier_init(cfg.recipe)
         if cfg.learning_rate is None:  # the network being fine-tuned is the checkpoint's, not --arch's default
-            changes["learning_rate"] = _finetune_learning_rate(record.get("arch"), cfg.arch)
+            changes["learning_rate"] = _finetune_learning_rate(record.get("arch"), cfg.arch) * \
+                recipes.finetune_lr_factor(changes.get("classifier_init", cfg.classifier_init))
     if stage == "distill":
         if cfg.epochs is None:  # a pipeline passes distill_epochs=None for "the stage default"
             changes["epochs"] = recipes.reference_epochs("distill", None)
@@ -671,10 +689,13 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
             changes["weight_decay"] = 0.0 if from_teacher else 1e-4
         if cfg.warmup_epochs is None and from_teacher:
             changes["warmup_epochs"] = 0.0
+    if cfg.bn_stats is None and stage in ("finetune", "distill"):
+        changes["bn_stats"] = recipes.bn_stats(cfg.recipe, stage, changes.get("init_student", cfg.init_student))
     if cfg.ft_proj_selector is None and stage == "pretrain":
         changes["ft_proj_selector"] = 0  # the online probe reads the head input (SPEC §2.1)
     if cfg.ft_proj_selector is None and stage == "finetune":
-        changes["ft_proj_selector"] = 1 if (cfg.labeled_list is not None or fraction < 1.0) else 0
+        changes["ft_proj_selector"] = recipes.finetune_selector(cfg.recipe, cfg.labeled_list is not None or
+                                                                fraction < 1.0)
     if cfg.warmup_epochs is None and "warmup_epochs" not in changes:
         epochs = changes.get("epochs", cfg.epochs)
         changes["warmup_epochs"] = 0.05 * epochs if (stage in ("pretrain", "distill", "pipeline", "demo")
@@ -757,6 +778,10 @@ def validate(stage: str, cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"eval_every: must be a whole number >= 0 (epochs; 0 = off), got {cfg.eval_every!r}")
     if not 1 <= cfg.seeds <= 100:
         raise ConfigError(f"seeds: must be a whole number from 1 to 100, got {cfg.seeds!r}")
+    if stage == "distill" and cfg.bn_stats == "frozen" and cfg.init_student != recipes.INIT_TEACHER:
+        raise ConfigError("bn_stats: frozen keeps the running statistics the student starts with, which only a "
+                          "student that is a copy of its teacher has (--init-student teacher); a student from "
+                          f"{cfg.init_student or 'scratch'} needs --bn-stats train")
     for name in ("num_workers", "knn_every", "seed"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be a whole number >= 0, got {getattr(cfg, name)!r}")

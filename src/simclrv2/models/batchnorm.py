@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["BN_EPS", "BN_MOMENTUM", "batch_norm_2d", "batch_norm_1d", "convert_sync_batchnorm"]
+__all__ = ["BN_EPS", "BN_MOMENTUM", "batch_norm_2d", "batch_norm_1d", "batchnorm_layers", "convert_sync_batchnorm"]
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` (torch's, SyncBatchNorm and our GlobalBatchNorm: all are
+    ``_BatchNorm``). Setting them to ``eval()`` inside a training network freezes their running
+    statistics (normalise with them, do not update them) while gamma and beta still train."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def batch_norm_2d(num_features: int, zero_init: bool = False) -> nn.BatchNorm2d:

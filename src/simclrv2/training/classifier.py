@@ -19,7 +19,8 @@ from simclrv2.augment import AugmentConfig, SimCLRAugmentation
 from simclrv2.config import Config, label_fraction_of
 from simclrv2.losses import mixed_distillation_loss
 from simclrv2.optim import l2_penalty
-from simclrv2.recipes import INIT_TEACHER, Schedule, stage_schedule
+from simclrv2.models.batchnorm import batchnorm_layers
+from simclrv2.recipes import BN_FROZEN, INIT_TEACHER, Schedule, stage_schedule
 from simclrv2.training.data_setup import RunData
 from simclrv2.training.eval_log import final_evaluation, periodic_evaluation
 from simclrv2.training.model_io import export_model
@@ -68,8 +69,13 @@ class ClassifierTrainer(Trainer):
         self.temperature, self.alpha = temperature, alpha
         self.augment = SimCLRAugmentation(AugmentConfig.for_finetuning(data.image_size, **crop_and_flip(cfg)))
         self.classifier_l2 = cfg.optimizer == "lars" and bool(cfg.weight_decay) and teacher is None
+        # --bn-stats frozen (recipes.bn_stats): BN layers normalise with their running statistics and do not
+        # update them; set at every step because periodic evaluation restores the whole network's train mode.
+        self.frozen_bn = batchnorm_layers(self.net) if cfg.bn_stats == BN_FROZEN else []
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
+        for layer in self.frozen_bn:
+            layer.eval()
         images = self.rt.to_input(batch.images)
         x = self.rt.layout(self.augment(images, self.generators["augment"], sizes=batch.sizes.to(self.rt.device)))
         labels = self.labels[batch.indices].to(self.rt.device)

@@ -66,7 +66,7 @@ def describe_init(cfg: Config) -> str:
     if cfg.init_student == INIT_TEACHER:
         return (f"as a copy of its teacher (init_student teacher; recipe {cfg.recipe}: {cfg.epochs:g} epochs is "
                 f"a short budget next to the paper's 400; --init-student scratch trains it from scratch), lr "
-                f"{cfg.learning_rate:g}, weight decay {cfg.weight_decay:g}")
+                f"{cfg.learning_rate:g}, weight decay {cfg.weight_decay:g}, BatchNorm statistics {cfg.bn_stats}")
     if cfg.init_student and cfg.init_student != INIT_SCRATCH:
         return f"from the encoder of {cfg.init_student}"
     return "from scratch (the paper's choice)"
@@ -115,6 +115,7 @@ def distill(cfg: Config) -> dict[str, Any]:
                               extra_results={"teacher": str(cfg.teacher), "teacher_arch": teacher_meta["arch"],
                                              "temperature": temperature, "alpha": cfg.alpha,
                                              "init_student": cfg.init_student,
+                                             "bn_stats": cfg.bn_stats,
                                              "label_fraction": data.label_spec.fraction})
 
 

@@ -194,7 +194,8 @@ def plan_pipeline(pipe: Config, root: Path) -> list[StagePlan]:
             ft = StagePlan(f"finetune {key}{name_tag}", "finetune", "finetune", "finetune",
                            root / f"finetune_{key}{dir_tag}",
                            dict(checkpoint=str(pre.path), epochs=pipe.finetune_epochs,
-                                ft_proj_selector=pipe.ft_proj_selector, **common),
+                                ft_proj_selector=pipe.ft_proj_selector, classifier_init=pipe.classifier_init,
+                                bn_stats=pipe.bn_stats, **common),
                            method="finetune", label_key=key, seed=seed, inputs=[pre.name])
             dist_inputs = [ft.name]
             init = pipe.init_student
@@ -204,7 +205,7 @@ def plan_pipeline(pipe: Config, root: Path) -> list[StagePlan]:
             dist = StagePlan(f"distill {key}{name_tag}", "distill", "distill", "distill",
                              root / f"distill_{key}{dir_tag}",
                              dict(teacher=str(ft.path), arch=pipe.arch, epochs=pipe.distill_epochs,
-                                  init_student=init, **common),
+                                  init_student=init, bn_stats=pipe.bn_stats, **common),
                              method="distill", label_key=key, seed=seed, inputs=dist_inputs)
             plans += [ft, dist]
             if pipe.student_arch:

@@ -249,8 +249,15 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
         if isinstance(steps, int) and steps < 200:
             return (f"Likely cause: too few optimiser steps: {facts}. Change: raise --finetune-epochs, or set "
                     "`finetune: {batch_size: ...}` smaller for more steps per epoch.")
-        return (f"Likely cause: the learning rate or the head layer: {facts}. Change: lower `finetune: "
-                "{learning_rate: ...}`, or try --ft-proj-selector 0.")
+        selector = results.get("ft_proj_selector", cfg.get("ft_proj_selector"))
+        start = results.get("classifier_init", cfg.get("classifier_init"))
+        changes = ["lower `finetune: {learning_rate: ...}`"]
+        if selector not in (0, None):
+            changes.append(f"fine-tune from the head input (--ft-proj-selector 0; it read head layer {selector})")
+        if start != "probe":
+            changes.append("start from a linear probe (--classifier-init probe, the default of --recipe auto)")
+        return (f"Likely cause: the learning rate or the fine-tuning start: {facts}, head layer {selector}, "
+                f"classifier start {start or 'zero'}. Change: " + ", or ".join(changes) + ".")
     if method.startswith("distill"):
         init = cfg.get("init_student", results.get("init_student"))
         alpha = cfg.get("alpha", results.get("alpha"))
@@ -276,11 +283,15 @@ def method_titles(root: Path, stages: list[dict[str, Any]]) -> dict[str, str]:
         cfg = _stage_settings(root / stage["dir"])
         arch = results.get("arch") or cfg.get("arch") or "?"
         if method == "finetune":
-            titles[method] = f"SimCLRv2 fine-tuned from head layer {results.get('ft_proj_selector', '?')} ({arch})"
+            start = {"probe": ", classifier from a linear probe", "zero": ", zero classifier"}.get(
+                results.get("classifier_init") or cfg.get("classifier_init"), "")
+            titles[method] = (f"SimCLRv2 fine-tuned from head layer {results.get('ft_proj_selector', '?')} "
+                              f"({arch}{start})")
         elif method == "distill" or method.startswith("distill_"):
             alpha = results.get("alpha", cfg.get("alpha"))
-            init = "student from the pretrained encoder" if (results.get("init_student") or cfg.get("init_student")) \
-                else "student from scratch"
+            source = results.get("init_student") or cfg.get("init_student")
+            init = {None: "student from scratch", "scratch": "student from scratch",
+                    "teacher": "student from a copy of its teacher"}.get(source, "student from the pretrained encoder")
             labels = "distillation only" if alpha == 1.0 else f"alpha {alpha}: labels mixed in"
             what = "self-distilled" if method == "distill" else f"distilled into {arch}"
             titles[method] = f"SimCLRv2 {what} ({labels}, {init})"
