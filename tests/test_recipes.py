@@ -75,8 +75,9 @@ def test_reference_recipe_writes_spec_values_and_auto_leaves_them_to_the_plan():
 
 
 @pytest.mark.parametrize("values, init, lr, wd", [
-    ({"epochs": 4}, "teacher", 0.005, 0.0),                           # short budget: copy of the teacher
-    ({"epochs": 4, "arch": "r18_1x_sk1"}, "teacher", 0.002, 0.0),     # planned: teacher arch taken as the student's
+    ({"epochs": 4}, "teacher", 0.00125, 0.0),                        # short budget: copy of the teacher, at
+    ({"epochs": 4, "arch": "r18_1x_sk1"}, "teacher", 0.0005, 0.0),   # auto's fine-tuning rate (planned: teacher
+                                                                       # arch taken as the student's)
     ({}, None, 0.1, 1e-4),                                            # 400 epochs: the paper's from scratch
     ({"epochs": 4, "recipe": "reference"}, None, 0.1, 1e-4),
     ({"epochs": 4, "init_student": "scratch"}, "scratch", 0.1, 1e-4),

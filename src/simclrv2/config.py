@@ -684,7 +684,9 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
             changes["init_student"] = init
         from_teacher = init == recipes.INIT_TEACHER
         if cfg.learning_rate is None:
-            changes["learning_rate"] = (_finetune_learning_rate(teacher_arch, cfg.arch) if from_teacher else 0.1)
+            # a copy of the teacher continues at the rate recipe auto fine-tunes at (a quarter of SPEC §5's)
+            changes["learning_rate"] = (_finetune_learning_rate(teacher_arch, cfg.arch) * recipes.finetune_lr_factor(
+                recipes.classifier_init(cfg.recipe)) if from_teacher else 0.1)
         if cfg.weight_decay is None:
             changes["weight_decay"] = 0.0 if from_teacher else 1e-4
         if cfg.warmup_epochs is None and from_teacher:

@@ -39,8 +39,8 @@ epochs the user did not set:
   reference's;
 * **distillation on a short budget** (fewer than :data:`SHORT_DISTILL_EPOCHS` epochs, the paper
   uses 400): a student of the teacher's architecture starts as a copy of the teacher (encoder, head
-  layers and classifier) and continues at the fine-tuning learning rate with no weight decay and no
-  warmup, instead of from scratch at the pretraining rate. ``--init-student scratch`` (or
+  layers and classifier) and continues at the rate auto fine-tuned it at (a quarter of SPEC §5's) with
+  no weight decay and no warmup, instead of from scratch at the pretraining rate. ``--init-student scratch`` (or
   ``--recipe reference``) gives the paper's from-scratch student. A smaller student still starts
   from scratch (the pipeline has no pretrained encoder of its architecture).
 

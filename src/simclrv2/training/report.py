@@ -264,10 +264,14 @@ def likely_cause(method: str, stage_dir: Path | None) -> str:
         start = {None: "from scratch (the paper's choice, for 400 epochs)", "scratch": "from scratch (the paper's "
                  "choice, for 400 epochs)", "teacher": "as a copy of its teacher"}.get(init, "from the encoder of "
                                                                                     f"{init}")
+        changes = ["raise --distill-epochs"]
+        if init != "teacher":
+            changes.append("start the student from its teacher (--init-student teacher, the default of "
+                           "--recipe auto below 100 epochs)")
+        changes.append("mix in the labels with `distill: {alpha: 0.5}` (paper Eq. 3)" if alpha == 1.0 else
+                       "change how much of the labels is mixed in (`distill: {alpha: ...}`, paper Eq. 3)")
         return (f"Likely cause: the distillation budget: {facts}, the student starting {start}, alpha {alpha}. "
-                "Change: raise --distill-epochs, start the student from its teacher (--init-student teacher, "
-                "the default of --recipe auto below 100 epochs) or from the pretrained encoder (--init-student "
-                "pretrained), or mix in the labels with `distill: {alpha: 0.5}` (paper Eq. 3).")
+                "Change: " + ", or ".join(changes) + ".")
     return f"{facts}."
 
 
