@@ -696,8 +696,7 @@ def resolve(stage: str, cfg: Config, *, read_checkpoints: bool = True) -> Config
     if cfg.ft_proj_selector is None and stage == "pretrain":
         changes["ft_proj_selector"] = 0  # the online probe reads the head input (SPEC §2.1)
     if cfg.ft_proj_selector is None and stage == "finetune":
-        changes["ft_proj_selector"] = recipes.finetune_selector(cfg.recipe, cfg.labeled_list is not None or
-                                                                fraction < 1.0)
+        changes["ft_proj_selector"] = recipes.finetune_selector(cfg.recipe, few_labels(cfg))
     if cfg.warmup_epochs is None and "warmup_epochs" not in changes:
         epochs = changes.get("epochs", cfg.epochs)
         changes["warmup_epochs"] = 0.05 * epochs if (stage in ("pretrain", "distill", "pipeline", "demo")
@@ -714,6 +713,12 @@ def label_fraction_of(cfg: Config) -> float:
     if cfg.label_fraction is None and cfg.labeled_list is None:
         return 1.0
     return cfg.label_fraction or 0.0
+
+
+def few_labels(cfg: Config) -> bool:
+    """Whether the stage trains on part of the labels (a ``--labeled-list``, or a fraction below 1): the
+    SPEC §2.1 condition for the reference's fine-tuning from head layer 1."""
+    return cfg.labeled_list is not None or label_fraction_of(cfg) < 1.0
 
 
 def _finetune_learning_rate(arch: Any, fallback: str) -> float:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from simclrv2 import recipes
-from simclrv2.config import Config, label_fraction_of, stage_defaults
+from simclrv2.config import Config, few_labels, stage_defaults
 from simclrv2.errors import ConfigError
 from simclrv2.models import create_model
 from simclrv2.recipes import CLASSIFIER_PROBE
@@ -136,7 +136,7 @@ def finetune(cfg: Config) -> dict[str, Any]:
     if rt.is_main:
         print(f"finetune: reads head layer {meta['ft_proj_selector']}, BatchNorm statistics {cfg.bn_stats} "
               f"(recipe {cfg.recipe}; the reference: head layer "
-              f"{recipes.finetune_selector('reference', cfg.labeled_list is not None or label_fraction_of(cfg) < 1)}"
+              f"{recipes.finetune_selector('reference', few_labels(cfg))}"
               ", statistics re-estimated: --recipe reference)", flush=True)
     return train_and_evaluate("finetune", cfg, rt, run, data, data.labeled_indices, net, meta,
                               extra_results={"checkpoint": str(cfg.checkpoint),
