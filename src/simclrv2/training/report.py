@@ -123,6 +123,17 @@ class Comparison:
     against: str
     gains: list[float]        # top-1 points, one per common seed
     should_improve: bool      # a stage meant to improve on b: a drop is a regression
+    test_images: int | None = None   # size of the test split both were scored on, when known
+
+    @property
+    def resolution(self) -> float:
+        """Top-1 points one test image is worth (100 / test images); 0 when the size is unknown."""
+        return 100.0 / self.test_images if self.test_images else 0.0
+
+    @property
+    def below_resolution(self) -> bool:
+        """The mean gain is smaller than one test image: no test set of this size can show it."""
+        return abs(self.mean) < self.resolution
 
     @property
     def mean(self) -> float:
@@ -134,7 +145,9 @@ class Comparison:
 
     @property
     def beyond_spread(self) -> bool:
-        return len(self.gains) > 1 and abs(self.mean) > self.std
+        """More than the seed-to-seed spread (|mean| > std) and at least one test image (issue 18: 0.2
+        points on 297 test images is two thirds of an image, not a measured difference)."""
+        return len(self.gains) > 1 and abs(self.mean) > self.std and not self.below_resolution
 
     @property
     def regression(self) -> bool:
@@ -151,6 +164,10 @@ class Comparison:
             return (f"{self.subject.capitalize()} vs {self.against} at {where}: {self.mean:+.1f} points top-1 "
                     "(one seed, so no spread is measured; --seeds 3 tells a gain from noise).")
         spread = f"{self.mean:.1f} ± {self.std:.1f}" if self.mean >= 0 else f"{-self.mean:.1f} ± {self.std:.1f}"
+        if self.below_resolution and abs(self.mean) > self.std:
+            return (f"{self.subject.capitalize()} changes top-1 by {self.mean:+.1f} ± {self.std:.1f} points against "
+                    f"{self.against} at {where} ({n} seeds): less than one of the {self.test_images} test images "
+                    f"({self.resolution:.2f} points), so no measurable difference.")
         if self.beyond_spread and self.mean > 0:
             return (f"{self.subject.capitalize()} beats {self.against} by {spread} points at {where} "
                     f"({n} seeds): more than the seed-to-seed spread.")
@@ -184,7 +201,10 @@ def compare_methods(per_seed: dict[str, dict[str, dict[str, dict[str, float]]]],
             seeds = sorted(set(per_seed[a][key]) & set(per_seed[b][key]), key=int)
             if seeds:
                 gains = [(per_seed[a][key][s]["top1"] - per_seed[b][key][s]["top1"]) * 100 for s in seeds]
-                out.append(Comparison(a, b, key, subject, against, gains, improve))
+                sizes = [int(per_seed[m][key][s]["num_images"]) for m in (a, b) for s in seeds
+                         if per_seed[m][key][s].get("num_images")]
+                out.append(Comparison(a, b, key, subject, against, gains, improve,
+                                      test_images=min(sizes) if sizes else None))
     return out
 
 
