@@ -101,9 +101,10 @@ def test_rerun_keeps_unchanged_stages_and_reruns_changed_or_forced_ones(piped, c
     out, argv, config = piped
     mtimes = {n: (out / n / "results.json").stat().st_mtime_ns for n in STAGES}
     capsys.readouterr()
-    assert main(argv) == 0
+    # how fast it runs is not what it computes: --compile / --no-channels-last keep every finished stage
+    assert main([*argv, "--no-compile", "--no-channels-last"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done already with the same settings, kept") == len(STAGES)
+    assert printed.count("done already with the same settings, kept") == len(STAGES), printed
     assert {n: (out / n / "results.json").stat().st_mtime_ns for n in STAGES} == mtimes
 
     config.write_text("pretrain:\n  batch_size: 20\nlinear_eval:\n  epochs: 6\n")   # linear_eval changed

@@ -144,3 +144,35 @@ def test_sigterm_in_a_pipeline_between_stages_exits_143_and_keeps_the_finished_s
     stage = out / "finetune_0.1"
     assert not (stage / "results.json").exists() and not (stage / "model.safetensors").exists()
     assert not _leftovers(out)
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_stopped_mid_training_keeps_its_seconds_and_its_resumed_run_adds_to_them(tmp_path) -> None:
+    """SIGTERM while fine-tuning trains (after its plan line): exit 143 with a checkpoint, and
+    ``stage_seconds.json`` keeps the seconds the stage ran; the resumed pipeline skips pretraining and
+    records the stage's total, not only its last invocation's."""
+    import json
+    out = tmp_path / "pipe"
+    args = [*CLI, "pipeline", "--data", "digits", "--image-size", "8", "--arch", "r18_0.25x_sk0",
+            "--max-per-class", "4", "--no-progress", "--device", "cpu", "--precision", "fp32",
+            "--label-fractions", "0.1", "--pretrain-epochs", "1", "--distill-epochs", "1", "--supervised-epochs", "1",
+            "--seeds", "1", "--out", str(out)]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("finetune: torch.compile"):   # printed as the trainer starts its loop
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGTERM)
+                break
+    finally:
+        _, err = _stop(proc)
+    assert proc.returncode == 143, err[-3000:]
+    partial = json.loads((out / "stage_seconds.json").read_text())
+    assert partial["finetune 0.1"] >= 1.0 and partial["pretrain"] > 0
+    assert list((out / "finetune_0.1" / "checkpoints").glob("step-*"))
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[pipeline] pretrain: done already" in done.stdout and "resume: continuing from step" in done.stdout
+    final = json.loads((out / "stage_seconds.json").read_text())
+    assert final["pretrain"] == partial["pretrain"]
+    assert final["finetune 0.1"] > partial["finetune 0.1"]

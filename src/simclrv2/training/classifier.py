@@ -52,8 +52,7 @@ class ClassifierTrainer(Trainer):
         if rt.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
+        self.compile_if_chosen(plan.global_batch)
         classifier_scale = None
         if teacher is not None and cfg.optimizer == "lars" and cfg.init_student != INIT_TEACHER:
             # A distillation student's classifier is excluded from LARS adaptation (as the reference's
@@ -152,7 +151,7 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
                                "image_size": data.image_size, "labeled_set": data.labeled_record(),
                                "recipe": cfg.recipe, "batch_size": plan.global_batch, "epochs": cfg.epochs,
                                "peak_lr": plan.peak_lr, "recipe_notes": list(schedule.notes),
-                               "precision": rt.precision, "device": rt.device.type,
+                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled,
                                "final": final, **(extra_results or {})}
     if warnings:
         results["warnings"] = list(warnings)

@@ -58,9 +58,13 @@ SHARED_FIELDS = ("data", "data_root", "download", "image_size", "max_per_class",
                  "unlabeled", "labels", "recipe")
 
 NOT_COMPARED = set(RUN_CONTROL_FIELDS) | {"progress", "num_workers", "log_every", "checkpoint_every",
-                                          "eval_batch_size", "dist_timeout", "eval_every", "evals_per_stage", "strict"}
-"""Settings that change how a stage reports or where it runs, not what it computes: a change of these
-keeps a finished stage."""
+                                          "eval_batch_size", "dist_timeout", "eval_every", "evals_per_stage", "strict",
+                                          "compile", "channels_last", "knn_every", "knn_k", "download", "data_root"}
+"""Settings that change how a stage reports, how fast or where it runs, not what it computes: a change
+of these keeps a finished stage and resumes an interrupted one. ``compile`` and ``channels_last`` give
+the same network and numerically close steps (tests/test_compile.py); before they were listed here, adding
+``--compile`` to a pipeline restarted its interrupted pretraining from step 0. ``device`` and
+``precision`` stay compared: bf16 and fp32 runs are not interchangeable results."""
 
 STAGE_RECORDS = "pipeline_stages.json"
 """In the pipeline directory, one entry per stage directory: the settings the stage ran with, the tokens
@@ -82,7 +86,9 @@ def fraction_key(fraction: float) -> str:
 
 STAGE_SECONDS_FILE = "stage_seconds.json"
 """Wall-clock seconds of every finished stage, kept in the pipeline's run directory so that a
-re-run that skips finished stages still reports what each one cost."""
+re-run that skips finished stages still reports what each one cost. A stage that stopped (SIGTERM,
+Ctrl-C, an error) leaves the seconds it ran; resuming it adds the new invocation's (a process killed
+outright, SIGKILL, leaves nothing to add)."""
 
 
 def load_stage_seconds(root: Path) -> dict[str, float]:
@@ -387,8 +393,17 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
             if is_main:
                 _write_record(plan, settings, inputs, complete=False, token=token)
             t0 = time.perf_counter()
-            results = runners[plan.command](cfg.replace(out=str(plan.path), resume=action == "resume"))
-            seconds = round(time.perf_counter() - t0, 1)
+            # A resumed stage adds to the seconds its interrupted invocations spent (kept when they stopped).
+            earlier = timings.pop(plan.name, 0.0) if action == "resume" else 0.0
+            timings.pop(plan.name, None)
+            try:
+                results = runners[plan.command](cfg.replace(out=str(plan.path), resume=action == "resume"))
+            except BaseException:   # SIGTERM (exit 143), Ctrl-C, an error: keep what the stage cost so far
+                if is_main:
+                    timings[plan.name] = round(earlier + time.perf_counter() - t0, 1)
+                    atomic_write_text(root / STAGE_SECONDS_FILE, json.dumps(timings, indent=2))
+                raise
+            seconds = round(earlier + time.perf_counter() - t0, 1)
             timings[plan.name] = seconds
             tokens[plan.name] = token
             ran.append(plan.name)

@@ -160,8 +160,7 @@ class PretrainTrainer(Trainer):
         if rt.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
+        self.compile_if_chosen(2 * plan.global_batch)
         # Online probe learning rate: 0.1·B/256 with the same warmup/cosine shape. Deviation, stated:
         # the TF2 reference gives the probe the contrastive peak lr without layer adaptation
         # (0.1·sqrt(B)), which makes the probe's cross-entropy diverge on small data; the probe
@@ -295,7 +294,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     results: dict[str, Any] = {"stage": "pretrain", "arch": cfg.arch, "steps": trainer.step,
                                "image_size": data.image_size, "train_images": len(data.train),
                                "labeled_set": data.labeled_record(), "final": metrics,
-                               "precision": rt.precision, "device": rt.device.type}
+                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled}
     if data.test is not None:
         knn = trainer.monitor_knn(trainer.step)
         if knn is not None:

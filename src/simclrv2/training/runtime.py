@@ -6,6 +6,9 @@ measured probe finds faster at the run's shape (``simclrv2.utils.precision_probe
 torch version and shape). bf16 keeps fp32's exponent range, so no loss scaling is needed; fp16
 (CUDA only) uses a gradient scaler. Losses are computed in fp32 inside the loss functions either
 way (SPEC §3 note on log-sum-exp).
+
+``compile`` unset (auto) compiles the training network with ``torch.compile`` (inductor) on a CPU when
+the stage is long enough to repay the compiler's warm-up, see :func:`choose_compile`.
 """
 
 from __future__ import annotations
@@ -113,6 +116,63 @@ class Runtime:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+COMPILE_MIN_IMAGES = 300_000
+"""``--compile`` auto on a CPU: compile a stage whose training passes at least this many images (steps x
+global batch x views). Measured on a 2-core AMD EPYC (AVX2, fp32, channels_last, torch 2.14.1), forward +
+backward + SGD, fastest of 12-16 steps (median in brackets): r18_1x at 16 px, batch 256: eager 138 img/s,
+compiled 147 (1.07x; medians equal); at 32 px, batch 128: 37 vs 41 img/s (1.09x; median 1.14x). The first
+compilation took 35-49 s (inductor caches its kernels on disk, later runs ~7 s). A 5-10% gain repays that
+after about 10 minutes of training: ~85,000 images at r18_1x/16 px, ~300,000 at r18_0.5x, hence 300,000."""
+COMPILE_MIN_STEPS = 100
+
+
+@dataclass
+class CompileChoice:
+    enabled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"torch.compile {'on' if self.enabled else 'off'} ({self.reason})"
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would call on a CPU (``CXX``, else c++/g++/clang++), None without one."""
+    import shutil
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def choose_compile(requested: bool | None, device: torch.device, run_steps: int, images_per_step: int
+                   ) -> CompileChoice:
+    """Whether a trainer wraps its network in ``torch.compile``.
+
+    ``--compile`` / ``--no-compile`` decide; a CPU run without a C++ compiler cannot compile, so asking
+    for it is a ConfigError before any training. Unset (auto): on a CPU, on when the stage trains at
+    least :data:`COMPILE_MIN_IMAGES` images over at least :data:`COMPILE_MIN_STEPS` steps and a compiler
+    is installed; on CUDA, off (not measured on a GPU yet; ``--compile`` turns it on). Compiled steps are
+    numerically close to eager ones, not bit-identical (fused kernels reorder sums)."""
+    if requested is False:
+        return CompileChoice(False, "--no-compile")
+    compiler = cpp_compiler() if device.type == "cpu" else "n/a"
+    if requested:
+        if compiler is None:
+            raise ConfigError("compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or set CXX), "
+                              "and none was found; install one or leave --compile out")
+        return CompileChoice(True, "--compile")
+    if device.type != "cpu":
+        return CompileChoice(False, "auto: off on CUDA until measured there; --compile turns it on")
+    images = run_steps * images_per_step
+    if images < COMPILE_MIN_IMAGES or run_steps < COMPILE_MIN_STEPS:
+        return CompileChoice(False, f"auto: {images:,} training images are too few to repay the compiler's "
+                                    "warm-up; --compile forces it")
+    if compiler is None:
+        return CompileChoice(False, "auto: no C++ compiler found (g++/clang++), which inductor needs on a CPU")
+    return CompileChoice(True, f"auto: {images:,} training images repay the compiler's warm-up (<= 1 min) "
+                               "for 5-10% faster steps; --no-compile turns it off")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -27,7 +27,7 @@ from simclrv2.optim import LARS, WarmupCosineSchedule, lars_param_groups, scale_
     warmup_steps_for
 from simclrv2.errors import CheckpointError, DataError, Terminated, TrainingError
 from simclrv2.training.rundir import RunDirectory
-from simclrv2.training.runtime import Runtime, make_generator, restore_rng_state, rng_state
+from simclrv2.training.runtime import Runtime, choose_compile, make_generator, restore_rng_state, rng_state
 from simclrv2.utils import distributed as dist_utils
 
 
@@ -152,6 +152,17 @@ class Trainer:
         pass
 
     # ---- shared machinery --------------------------------------------------------------
+    def compile_if_chosen(self, images_per_step: int) -> None:
+        """Wrap ``self.model`` in ``torch.compile`` when ``--compile`` (or auto, for a long CPU stage:
+        :func:`~simclrv2.training.runtime.choose_compile`) says so; ``self.compiled`` records it. Monitors
+        and evaluations use the plain network, so they never trigger a recompilation."""
+        choice = choose_compile(self.cfg.compile, self.rt.device, self.plan.run_steps, images_per_step)
+        self.compiled = choice.enabled
+        if self.rt.is_main:
+            print(f"{self.stage}: {choice.describe()}", flush=True)
+        if choice.enabled:
+            self.model = torch.compile(self.model)
+
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward with optional fp16 scaling, then an optimiser step; records non-finite losses
         on the device (checked at log/checkpoint time, so no per-step host sync)."""
