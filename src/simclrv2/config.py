@@ -108,7 +108,7 @@ class Config:
                           ALL, choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _opt(True, "Use the channels_last memory layout (faster convolutions).", NOT_DEMO)
     compile: bool | None = _opt(None, "torch.compile the training network (up to a minute of compiling, then "
-                                "5-10% faster steps measured on a 2-core CPU). Unset: on for CPU stages that train at "
+                                "slightly faster steps, measured on a 2-core CPU). Unset: on for CPU stages that train at "
                                 "least 300,000 images when a C++ compiler is installed, off for shorter ones and on "
                                 "CUDA.", TRAINERS + ("pipeline",))
     resume: bool = _opt(False, "Continue from the last checkpoint in --out. Pipeline and demo: on by default; "
