@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from simclrv2.config import RUN_CONTROL_FIELDS, Config, build_config, fields_for_stage
+from simclrv2.config import Config, build_config, fields_for_stage
 from simclrv2.errors import ConfigError
 from simclrv2.training.report import aggregate_seeds, compare_methods, format_table, write_report
+from simclrv2.training.rundir import NOT_TRAINING
 from simclrv2.utils.checkpoint import atomic_write_text
 
 STAGE_SECTIONS = ("pretrain", "finetune", "supervised", "linear_eval", "distill")
@@ -57,14 +58,14 @@ SHARED_FIELDS = ("data", "data_root", "download", "image_size", "max_per_class",
                  "checkpoint_every", "global_bn", "flip", "crop_method", "crop_min_area", "dist_timeout",
                  "unlabeled", "labels", "recipe")
 
-NOT_COMPARED = set(RUN_CONTROL_FIELDS) | {"progress", "num_workers", "log_every", "checkpoint_every",
-                                          "eval_batch_size", "dist_timeout", "eval_every", "evals_per_stage", "strict",
-                                          "compile", "channels_last", "knn_every", "knn_k", "download", "data_root"}
+NOT_COMPARED = set(NOT_TRAINING) - {"device", "precision", "max_steps"}
 """Settings that change how a stage reports, how fast or where it runs, not what it computes: a change
-of these keeps a finished stage and resumes an interrupted one. ``compile`` and ``channels_last`` give
-the same network and numerically close steps (tests/test_compile.py); before they were listed here, adding
-``--compile`` to a pipeline restarted its interrupted pretraining from step 0. ``device`` and
-``precision`` stay compared: bf16 and fp32 runs are not interchangeable results."""
+of these keeps a finished stage and resumes an interrupted one. The fields a single stage's ``--resume``
+may change (``rundir.NOT_TRAINING``: ``compile`` and ``channels_last`` give the same network and
+numerically close steps, tests/test_compile.py), except those that make a finished result another one:
+``device`` and ``precision`` (bf16 and fp32 runs are not interchangeable results) and ``max_steps``
+(a stage stopped early). Before ``compile`` was excluded here, adding ``--compile`` to a pipeline
+restarted its interrupted pretraining from step 0."""
 
 STAGE_RECORDS = "pipeline_stages.json"
 """In the pipeline directory, one entry per stage directory: the settings the stage ran with, the tokens
@@ -394,8 +395,9 @@ def run_pipeline(pipe: Config) -> dict[str, Any]:
                 _write_record(plan, settings, inputs, complete=False, token=token)
             t0 = time.perf_counter()
             # A resumed stage adds to the seconds its interrupted invocations spent (kept when they stopped).
-            earlier = timings.pop(plan.name, 0.0) if action == "resume" else 0.0
-            timings.pop(plan.name, None)
+            earlier = timings.pop(plan.name, 0.0)
+            if action != "resume":
+                earlier = 0.0
             try:
                 results = runners[plan.command](cfg.replace(out=str(plan.path), resume=action == "resume"))
             except BaseException:   # SIGTERM (exit 143), Ctrl-C, an error: keep what the stage cost so far
