@@ -36,6 +36,10 @@ def test_auto_compiles_only_cpu_stages_long_enough_to_repay_the_warm_up():
     assert not choose_compile(False, CPU, steps, COMPILE_MIN_IMAGES).enabled
     assert choose_compile(True, CPU, 1, 1).enabled
     assert not choose_compile(None, torch.device("cuda"), steps, COMPILE_MIN_IMAGES).enabled
+    # bf16 autocast: no compiled gain was measured, so auto stays eager however long the stage
+    in_bf16 = choose_compile(None, CPU, steps, COMPILE_MIN_IMAGES // steps, "bf16")
+    assert not in_bf16.enabled and "bf16" in in_bf16.reason
+    assert choose_compile(True, CPU, steps, COMPILE_MIN_IMAGES // steps, "bf16").enabled
 
 
 def test_without_a_cpp_compiler_auto_stays_eager_and_asking_for_it_is_an_error(tmp_path, monkeypatch):

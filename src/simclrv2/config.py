@@ -108,9 +108,9 @@ class Config:
                           ALL, choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _opt(True, "Use the channels_last memory layout (faster convolutions).", NOT_DEMO)
     compile: bool | None = _opt(None, "torch.compile the training network (up to a minute of compiling, then "
-                                "slightly faster steps, measured on a 2-core CPU). Unset: on for CPU stages that train at "
-                                "least 300,000 images when a C++ compiler is installed, off for shorter ones and on "
-                                "CUDA.", TRAINERS + ("pipeline",))
+                                "slightly faster fp32 steps, measured on a 2-core CPU; no gain measured in bf16). Unset: on "
+                                "for fp32 CPU stages that train at least 300,000 images when a C++ compiler is "
+                                "installed; off in bf16, for shorter stages and on CUDA.", TRAINERS + ("pipeline",))
     resume: bool = _opt(False, "Continue from the last checkpoint in --out. Pipeline and demo: on by default; "
                         "they keep every finished stage whose settings are unchanged and re-run the others, and "
                         "--no-resume refuses a run directory that already holds results.",

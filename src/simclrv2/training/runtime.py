@@ -124,7 +124,10 @@ global batch x views). Measured on a 2-core AMD EPYC (AVX2, fp32, channels_last,
 backward + SGD, fastest of 12-16 steps (median in brackets): r18_1x at 16 px, batch 256: eager 138 img/s,
 compiled 147 (1.07x; medians equal); at 32 px, batch 128: 37 vs 41 img/s (1.09x; median 1.14x). The first
 compilation took 35-49 s (inductor caches its kernels on disk, later runs ~7 s). A 5-10% gain repays that
-after about 10 minutes of training: ~85,000 images at r18_1x/16 px, ~300,000 at r18_0.5x, hence 300,000."""
+after about 10 minutes of training: ~85,000 images at r18_1x/16 px, ~300,000 at r18_0.5x, hence 300,000.
+In bf16 autocast there was no gain to repay it: on a 2-core AMD EPYC with AVX512-BF16, ``simclrv2
+pretrain`` at r18_1x, 16 px, batch 512 logged 228 img/s eager and 225 compiled (mean of steps 8-24), so
+auto stays eager in bf16 (``benchmarks/throughput.py`` times ``ours_compiled`` against eager per host)."""
 COMPILE_MIN_STEPS = 100
 
 
@@ -146,14 +149,14 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def choose_compile(requested: bool | None, device: torch.device, run_steps: int, images_per_step: int
-                   ) -> CompileChoice:
+def choose_compile(requested: bool | None, device: torch.device, run_steps: int, images_per_step: int,
+                   precision: str = "fp32") -> CompileChoice:
     """Whether a trainer wraps its network in ``torch.compile``.
 
     ``--compile`` / ``--no-compile`` decide; a CPU run without a C++ compiler cannot compile, so asking
     for it is a ConfigError before any training. Unset (auto): on a CPU, on when the stage trains at
-    least :data:`COMPILE_MIN_IMAGES` images over at least :data:`COMPILE_MIN_STEPS` steps and a compiler
-    is installed; on CUDA, off (not measured on a GPU yet; ``--compile`` turns it on). Compiled steps are
+    least :data:`COMPILE_MIN_IMAGES` images over at least :data:`COMPILE_MIN_STEPS` steps in fp32 and a
+    compiler is installed (in bf16 autocast no gain was measured, see :data:`COMPILE_MIN_IMAGES`); on CUDA, off (not measured on a GPU yet; ``--compile`` turns it on). Compiled steps are
     numerically close to eager ones, not bit-identical (fused kernels reorder sums)."""
     if requested is False:
         return CompileChoice(False, "--no-compile")
@@ -165,6 +168,9 @@ def choose_compile(requested: bool | None, device: torch.device, run_steps: int,
         return CompileChoice(True, "--compile")
     if device.type != "cpu":
         return CompileChoice(False, "auto: off on CUDA until measured there; --compile turns it on")
+    if precision != "fp32":
+        return CompileChoice(False, f"auto: off in {precision} (no faster step measured compiled in bf16 on a "
+                                    "CPU); --compile forces it")
     images = run_steps * images_per_step
     if images < COMPILE_MIN_IMAGES or run_steps < COMPILE_MIN_STEPS:
         return CompileChoice(False, f"auto: {images:,} training images are too few to repay the compiler's "

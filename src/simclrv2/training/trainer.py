@@ -156,7 +156,8 @@ class Trainer:
         """Wrap ``self.model`` in ``torch.compile`` when ``--compile`` (or auto, for a long CPU stage:
         :func:`~simclrv2.training.runtime.choose_compile`) says so; ``self.compiled`` records it. Monitors
         and evaluations use the plain network, so they never trigger a recompilation."""
-        choice = choose_compile(self.cfg.compile, self.rt.device, self.plan.run_steps, images_per_step)
+        choice = choose_compile(self.cfg.compile, self.rt.device, self.plan.run_steps, images_per_step,
+                                self.rt.precision)
         self.compiled = choice.enabled
         if self.rt.is_main:
             print(f"{self.stage}: {choice.describe()}", flush=True)
