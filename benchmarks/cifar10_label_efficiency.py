@@ -99,11 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_seconds = load_stage_seconds(Path(args.out))
+    # How each stage ran (precision, torch.compile), from its own results.json.
+    stage_runs = {}
+    for results_file in sorted(Path(args.out).glob("*/results.json")):
+        stage = json.loads(results_file.read_text())
+        stage_runs[results_file.parent.name] = {k: stage.get(k) for k in ("precision", "device", "compiled")}
     stage_seconds_total = sum(stage_seconds.values())
     payload = {"table": table, "checks": checks, "elapsed_s": round(elapsed, 1),
                "stage_seconds": stage_seconds, "stage_seconds_total": round(stage_seconds_total, 1),
                "settings": {k: v for k, v in settings.items() if k != "progress"}, "cpu_count": os.cpu_count(),
-               "hardware": hardware(), "seeds": args.seeds}
+               "hardware": {**hardware(), "precision": sorted({r["precision"] for r in stage_runs.values()
+                                                               if r.get("precision")})},
+               "stage_runs": stage_runs, "seeds": args.seeds}
     (out_dir / "cifar10_label_efficiency.json").write_text(json.dumps(payload, indent=2))
     md = ["# CIFAR-10 label efficiency", "", "```", format_table(table), "```", "",
           f"Wall clock of this invocation: {elapsed / 60:.1f} min; all stages, including any finished by "

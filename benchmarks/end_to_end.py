@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="r18_1x_sk0")
     parser.add_argument("--knn-policies", default="default,every-epoch",
                         help="default (5%% budget) and/or every-epoch (the old behaviour)")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON (default {DEFAULT_OUT}, -quick with --quick)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/end_to_end-<host kind>[-quick].json: one file per host kind)")
     parser.add_argument("--isolated-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.isolated_worker:
@@ -221,7 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch_size or (32 if q else 128)
     epochs = args.epochs or 2
     iso_steps = args.isolated_steps or (3 if q else 5)
-    out = args.out or (DEFAULT_OUT.with_name("end_to_end-quick.json") if q else DEFAULT_OUT)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -229,11 +228,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.cifar / "train").is_dir():
         parser.error(f"--cifar: {args.cifar} has no train/ folder")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import host_info  # sibling benchmark script
+    from throughput import host_info, run_record  # sibling benchmark script
 
     import torch
 
-    report: dict[str, Any] = {"load_average_before": load_average(), "host": host_info(torch.get_num_threads()),
+    host = host_info(torch.get_num_threads())
+    # One result file per host kind (as throughput.py): end_to_end-<host kind>[-quick].json.
+    out = args.out or DEFAULT_OUT.with_name(f"end_to_end-{host['host_kind']}{'-quick' if q else ''}.json")
+    report: dict[str, Any] = {"run": run_record(argv, "benchmarks/end_to_end.py"),
+                              "load_average_before": load_average(), "host": host,
                               "torch": torch.__version__,
                               "settings": {"train_per_class": per_class, "test_per_class": test_per_class,
                                            "batch_size": batch, "epochs": epochs, "arch": args.arch,

@@ -293,8 +293,7 @@ def render(name: str) -> str | None:
         if not path.is_file():
             return None
         payload = json.loads(path.read_text())
-        minutes = payload.get("stage_seconds_total", 0) / 60
-        return accuracy_table(payload["table"]) + f"All stages: {minutes:.1f} min on {payload.get('cpu_count')} CPUs.\n"
+        return accuracy_table(payload["table"]) + cifar10_summary(payload)
     if name == "demo":
         path = RESULTS / "demo" / "results.json"
         if not path.is_file():
@@ -310,6 +309,30 @@ def render(name: str) -> str | None:
     if name == "end_to_end":
         return _joined("end_to_end*.json", end_to_end_section)
     raise KeyError(name)
+
+
+def cifar10_summary(payload: dict) -> str:
+    """Time per stage group, the host, and the report's sentence for each claim (with its spread)."""
+    seconds = payload.get("stage_seconds") or {}
+    total = payload.get("stage_seconds_total", sum(seconds.values())) / 60
+    text = f"All stages: {total:.1f} min on {payload.get('cpu_count')} CPUs"
+    if "pretrain" in seconds:
+        text += f" (pretraining {seconds['pretrain'] / 60:.1f} min, the {len(seconds) - 1} later stages " \
+                f"{(sum(seconds.values()) - seconds['pretrain']) / 60:.1f} min)"
+    hw = payload.get("hardware") or {}
+    if hw:
+        text += f"; host: {hw.get('cpu') or hw.get('device') or 'not recorded'}" + \
+            (f", {hw['logical_cpus']} logical CPUs" if hw.get("logical_cpus") else "") + \
+            (f", precision {'/'.join(hw['precision'])}" if hw.get("precision") else "")
+    lines = [text + "."]
+    per_seed = {m: {k: cell["seeds"] for k, cell in rows.items() if "seeds" in cell}
+                for m, rows in payload["table"].items()}
+    if all(len(cells) for cells in per_seed.values()) and per_seed:
+        from simclrv2.training.report import compare_methods
+
+        lines.append("")
+        lines += [f"- {c.sentence()}" for c in compare_methods(per_seed)]
+    return "\n".join(lines) + "\n"
 
 
 def update(text: str) -> str:

@@ -15,6 +15,11 @@ What is measured, in ONE run on the same machine, same batch and the same number
   once by our augmentation); the augmentation is timed separately (``two_views`` + layout at the
   same thread count, as ``PretrainTrainer.train_step`` runs it) and added for "incl. aug".
   No online probe (``num_classes=0``), like the peer.
+* **ours compiled** (``ours_compiled``; ``--no-compiled`` leaves it out, and it is left out where no
+  C++ compiler is found): the same step with the network wrapped in ``torch.compile``, as
+  ``--compile`` runs it. Its first warm-up round pays the compilation (``first_warmup_round_s``);
+  ``speedup_vs_eager`` is what ``--compile auto`` (``simclrv2.training.runtime.choose_compile``) is
+  decided from.
 * **ours + memory**: the same with ``--memory-size 4096``: EMA copy (decay 0.999), a forward of
   the EMA network on the default key views (``--memory-keys-fraction 0.25``: the second view of a
   quarter of the images), FIFO queue of 4096 negatives -- pre-filled, so the loss sees the
@@ -100,7 +105,7 @@ from simclrv2.config import build_config  # noqa: E402
 from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
 from simclrv2.training.pretrain import PretrainStep  # noqa: E402
-from simclrv2.training.runtime import choose_precision, probe_shape, setup_runtime  # noqa: E402
+from simclrv2.training.runtime import choose_precision, cpp_compiler, probe_shape, setup_runtime  # noqa: E402
 from simclrv2.training.trainer import build_optimizer, plan_steps  # noqa: E402
 from simclrv2.utils.ema import ModelEMA  # noqa: E402
 
@@ -157,7 +162,8 @@ class OursAugment:
 class Ours:
     """Our default pretraining step (see the module docstring)."""
 
-    def __init__(self, batch: int, views: torch.Tensor, memory_size: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch: int, views: torch.Tensor, memory_size: int = 0, seed: int = 0,
+                 compiled: bool = False) -> None:
         cfg = our_config(memory_size, batch)
         self.cfg = cfg
         self.rt = rt = setup_runtime(cfg)  # seeds torch with cfg.seed
@@ -172,7 +178,10 @@ class Ours:
             queue = NegativeQueue(memory_size, cfg.proj_out_dim).to(device)
             fill = torch.randn(memory_size, cfg.proj_out_dim, generator=torch.Generator().manual_seed(seed + 1))
             queue.enqueue(F.normalize(fill, dim=1))  # steady state: memory_size extra negatives every step
-        self.step_fn = PretrainStep(net, self.optimizer, rt, temperature=cfg.temperature,
+        # ``compiled``: the network wrapped in torch.compile after the optimiser is built, as
+        # ``Trainer.compile_if_chosen`` does (``--compile``); the first warm-up round pays the compilation.
+        model = torch.compile(net) if compiled else net
+        self.step_fn = PretrainStep(model, self.optimizer, rt, temperature=cfg.temperature,
                                     weight_decay=cfg.weight_decay or 0.0, ema=ema, queue=queue,
                                     memory_keys_fraction=cfg.memory_keys_fraction)
         self.views = rt.layout(views.to(device))
@@ -261,7 +270,8 @@ def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
     if peer:
         runner: Ours | Lightly = Lightly(batch, views, best=peer_best if variant == "lightly_best" else None)
     else:
-        runner = Ours(batch, views, memory_size=QUEUE_SIZE if variant == "ours_memory" else 0)
+        runner = Ours(batch, views, memory_size=QUEUE_SIZE if variant == "ours_memory" else 0,
+                      compiled=variant == "ours_compiled")
     reply({"ready": True, "threads": torch.get_num_threads()})
     for line in sys.stdin:
         cmd = line.strip()
@@ -376,11 +386,13 @@ def conv_probe(batch: int, channels: int, side: int, dtype: torch.dtype) -> tupl
 
 def interleaved(fns: dict[str, Callable[[], float]], warmup: int, rounds: int,
                 log: Callable[[str], None] | None = None,
-                first_call: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
+                first_call: dict[str, Callable[[], float]] | None = None,
+                warmup_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds of each function per round (each returns its own time), rotating the order.
 
     ``first_call[name]`` replaces the very first call of ``name`` (its first warm-up call; used
-    to count FLOPs on a call that is not timed anyway)."""
+    to count FLOPs on a call that is not timed anyway). ``warmup_times``, when given, receives the
+    untimed rounds' seconds (a compiled variant's first round is its compilation)."""
     names = list(fns)
     first_call = dict(first_call or {})
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -392,6 +404,8 @@ def interleaved(fns: dict[str, Callable[[], float]], warmup: int, rounds: int,
             last[name] = fn()
             if r >= warmup:
                 times[name].append(last[name])
+            elif warmup_times is not None:
+                warmup_times.setdefault(name, []).append(last[name])
         if log is not None:
             done = ", ".join(f"{n} {last[n]:.2f}s" for n in names if not n.startswith(("mm_", "conv_")))
             log(f"  round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''}: {done}")
@@ -632,6 +646,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
         variants.insert(1, "ours_glibc")
+    compiled = args.compiled if args.compiled is not None else cpp_compiler() is not None
+    if compiled:
+        variants.insert(1, "ours_compiled")
     say(f"starting workers: {', '.join(variants)} (batch {batch}) ...")
     workers = {v: Worker(v, batch, args.threads, peer_best) for v in variants}
     augment = OursAugment(batch)  # this process gets the same runtime settings as our worker
@@ -669,7 +686,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counting = {name: w.step_counting_flops for name, w in workers.items() if name in ("ours", "lightly")}
     t_phase = time.perf_counter()
     say(f"{args.warmup} warm-up + {args.steps} timed rounds of {', '.join(fns)} ...")
-    times = interleaved(fns, args.warmup, args.steps, log=say, first_call=counting if args.warmup else None)
+    warmup_times: dict[str, list[float]] = {}
+    times = interleaved(fns, args.warmup, args.steps, log=say, first_call=counting if args.warmup else None,
+                        warmup_times=warmup_times)
     phases["rounds"] = time.perf_counter() - t_phase
     for name, w in workers.items():
         if name in counting and w.flops is None:
@@ -783,6 +802,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "final_loss": losses,
         "raw_seconds": times,
     }
+    if "ours_compiled" in workers:
+        results["pretrain"]["ours_compiled"] = {
+            **stats(times["ours_compiled"]), "images_per_s": batch / best["ours_compiled"],
+            "speedup_vs_eager": best["ours"] / best["ours_compiled"],
+            "speedup_vs_eager_paired_median": paired_ratio(times["ours"], times["ours_compiled"]),
+            "first_warmup_round_s": (warmup_times.get("ours_compiled") or [None])[0],
+            "note": "torch.compile(net) as --compile does; the first warm-up round includes the compilation"}
     if "ours_glibc" in workers:
         results["pretrain"]["ours_glibc_malloc"] = {
             **stats(times["ours_glibc"]), "images_per_s": batch / best["ours_glibc"],
@@ -859,6 +885,11 @@ def render_table(r: dict[str, Any]) -> str:
     if "ours_glibc_malloc" in p:
         lines.append(row("ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)", p["ours_glibc_malloc"],
                          o["gflop_per_step"], o["gflop_per_step"] / p["ours_glibc_malloc"]["min"]))
+    if "ours_compiled" in p:
+        oc = p["ours_compiled"]
+        lines.append(row(f"ours under torch.compile ({oc['speedup_vs_eager']:.2f}x eager; paired median "
+                         f"{oc['speedup_vs_eager_paired_median']:.2f}x)", oc,
+                         o["gflop_per_step"], o["gflop_per_step"] / oc["min"]))
     lines.append(row(f"ours + memory (queue {c['queue_size']}, EMA {c['ema_decay']})", p["ours_memory"]))
     lines.append(row("lightly SimCLR (fp32, NCHW, SGD, 2 fwd of N)", lt,
                      lt["gflop_per_step"] if lt else None, lt["achieved_gflops"] if lt else None))
@@ -955,7 +986,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-best", choices=("auto", "bf16", "fp32"), default="auto",
                         help="the tuned peer: bf16 autocast + channels_last, or fp32 + channels_last "
                         "(auto: bf16 where the CPU has native bf16, else fp32)")
-    parser.add_argument("--worker", choices=("ours", "ours_memory", "lightly", "lightly_best"),
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time our step under torch.compile (what --compile does), as its own worker; "
+                        "its first warm-up round pays the compilation (default: on where a C++ compiler is found)")
+    parser.add_argument("--worker", choices=("ours", "ours_compiled", "ours_memory", "lightly", "lightly_best"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -970,10 +1004,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_record(argv: list[str] | None) -> dict[str, str]:
-    """The command line and the UTC start time of this run (the README's tables quote them)."""
+def run_record(argv: list[str] | None, script: str = "benchmarks/throughput.py") -> dict[str, str]:
+    """The command line and the UTC start time of a benchmark's run (the README's tables quote them)."""
     words = sys.argv[1:] if argv is None else argv
-    return {"command": " ".join(["python benchmarks/throughput.py", *words]),
+    return {"command": " ".join([f"python {script}", *words]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
