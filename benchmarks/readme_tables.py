@@ -158,6 +158,13 @@ def throughput_section(path: Path) -> str:
     ours = p["ours"]
     row(f"our pretraining step ({c['arch']}, {c['image_size']} px)",
         f"{ours['images_per_s']:.1f} img/s, {ours['achieved_gflops']:.1f} GFLOP/s")
+    compiled = p.get("ours_compiled")
+    if compiled:
+        first = compiled.get("first_warmup_round_s")
+        row("our step under `torch.compile` (`--compile`)",
+            f"{compiled['images_per_s']:.1f} img/s: {compiled['speedup_vs_eager']:.2f}x eager (paired median "
+            f"{compiled['speedup_vs_eager_paired_median']:.2f}x)"
+            + (f"; first round, compiling, {first:.0f} s" if first else ""))
     if p.get("lightly"):
         row("lightly as its examples run (fp32, NCHW)", f"{p['lightly']['images_per_s']:.1f} img/s")
     best_peer = p.get("lightly_best")
