@@ -95,10 +95,12 @@ def _load_text(payload: dict, cpu_count: int | None) -> str:
                 "(not recorded before it)")
     verdict = env.get("machine_busy")
     note = payload.get("machine_note") or env.get("note", "")
+    # ``machine_busy`` (from the load before the run) decides where recorded: the load after a run
+    # counts the run's own processes, which older notes took for other users.
     busy = verdict if verdict is not None else note.startswith("BUSY")
     text = (f"load average {before[0]:.2f} before, {after[0]:.2f} after on {cpu_count} CPUs"
             if before and after else "load average not recorded")
-    if busy or note.startswith("BUSY"):
+    if busy:
         return f"**BUSY machine** ({text}: other processes shared the CPUs; absolute rates are low)"
     return f"quiet machine ({text})"
 
@@ -192,8 +194,13 @@ def throughput_section(path: Path) -> str:
     if theo and r.get("theoretical_peak_fraction") is not None:
         per = theo["bf16_flop_per_cycle"] if c["precision"] == "bf16" else theo["fp32_flop_per_cycle"]
         peak = theo["bf16_peak_gflops"] if c["precision"] == "bf16" else theo["fp32_peak_gflops"]
+        caveat = ""
+        if peak and best_rate > peak:   # a measured kernel beat the "peak": the nominal clock is too low
+            caveat = (f"; not a bound: the best kernel ran {best_rate / peak:.2f}x faster than this peak, so the "
+                      "clock the CPU reports is below the one it ran at")
         row("of the theoretical peak", f"{_pct(r['theoretical_peak_fraction'])} of {peak:.1f} GFLOP/s "
-            f"({theo['cores_used']} cores × {theo['clock_ghz']:.2f} GHz × {per} {c['precision']} FLOP/cycle)")
+            f"({theo['cores_used']} cores × {theo['clock_ghz']:.2f} GHz × {per} {c['precision']} FLOP/cycle)"
+            + caveat)
     else:
         row("of the theoretical peak", "not recorded")
     emulated = (r.get("kernel_probes") or {}).get("bf16_emulated_probe")

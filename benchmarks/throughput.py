@@ -780,8 +780,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine_busy": busy,
         "note": ("BUSY machine: other processes shared the CPUs during this run (load average before "
                  f"{load_before}, after {load_after} on {os.cpu_count()} CPUs); variants were interleaved round "
-                 "by round so ratios stay comparable, absolute times are inflated") if busy or (
-                     load_after and load_after[0] > 0.5 * (os.cpu_count() or 1)) else "quiet machine",
+                 "by round so ratios stay comparable, absolute times are inflated") if busy else
+                "quiet machine (load average before the run; the one after it counts this run's own workers)",
     }
     step_aug = best["augment"]
     results["pretrain"] = {
