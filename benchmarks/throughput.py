@@ -24,6 +24,10 @@ What is measured, in ONE run on the same machine, same batch and the same number
   the EMA network on the default key views (``--memory-keys-fraction 0.25``: the second view of a
   quarter of the images), FIFO queue of 4096 negatives -- pre-filled, so the loss sees the
   steady-state 4096 extra columns from the first timed step.
+* **ours, oneDNN weight gradients** (``ours_native_wgrad``, on unless ``--no-ablate-conv-grad``):
+  our step with ``SIMCLRV2_CONV_WEIGHT_GRAD=native``, i.e. without the shifted weight gradient of
+  :mod:`simclrv2.models.conv_weight_grad`. ``ours_speedup_from_shifted_weight_grad`` is what that
+  rule buys on the machine at hand (1.0 where it does not apply: fp32, CUDA).
 * **lightly** (peer reference; ``pip install lightly``, reported as unavailable otherwise):
   torchvision ``resnet18`` with the same CIFAR stem (conv1 3x3/s1, maxpool and fc = Identity),
   lightly's ``SimCLRProjectionHead(512, 512, 128, num_layers=3)`` (our head's depth/width),
@@ -104,6 +108,7 @@ from simclrv2.augment import AugmentConfig, SimCLRAugmentation  # noqa: E402
 from simclrv2.config import build_config  # noqa: E402
 from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
+from simclrv2.models.conv_weight_grad import ENV_VAR as CONV_WEIGHT_GRAD_ENV  # noqa: E402
 from simclrv2.training.pretrain import PretrainStep  # noqa: E402
 from simclrv2.training.runtime import choose_precision, cpp_compiler, probe_shape, setup_runtime  # noqa: E402
 from simclrv2.training.trainer import build_optimizer, plan_steps  # noqa: E402
@@ -298,14 +303,22 @@ def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
            "growth_mb": (peak_kib - base_kib) / 1024, "method": method})
 
 
+#: Ablation workers: our step with the environment variable that undoes one of our settings.
+ABLATIONS = {
+    "ours_glibc": ("SIMCLRV2_MALLOC_TUNING", "0"),  # glibc's default malloc policy
+    "ours_native_wgrad": (CONV_WEIGHT_GRAD_ENV, "native"),  # oneDNN's weight gradient for every conv
+}
+
+
 class Worker:
     """Parent-side handle of a worker process."""
 
     def __init__(self, variant: str, batch: int, threads: int | None, peer_best: str = "bf16") -> None:
         env = dict(os.environ)
-        if variant == "ours_glibc":  # ablation: our step with glibc's default malloc policy
-            env["SIMCLRV2_MALLOC_TUNING"] = "0"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant.replace("_glibc", ""),
+        if variant in ABLATIONS:  # our step with one of our settings undone through its variable
+            name, value = ABLATIONS[variant]
+            env[name] = value
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours" if variant in ABLATIONS else variant,
                "--batch-size", str(batch), "--peer-best", peer_best]
         if threads:
             cmd += ["--threads", str(threads)]
@@ -646,6 +659,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
         variants.insert(1, "ours_glibc")
+    if args.ablate_conv_grad:
+        variants.insert(1, "ours_native_wgrad")
     compiled = args.compiled if args.compiled is not None else cpp_compiler() is not None
     if compiled:
         variants.insert(1, "ours_compiled")
@@ -809,6 +824,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_vs_eager_paired_median": paired_ratio(times["ours"], times["ours_compiled"]),
             "first_warmup_round_s": (warmup_times.get("ours_compiled") or [None])[0],
             "note": "torch.compile(net) as --compile does; the first warm-up round includes the compilation"}
+    if "ours_native_wgrad" in workers:
+        results["pretrain"]["ours_native_weight_grad"] = {
+            **stats(times["ours_native_wgrad"]), "images_per_s": batch / best["ours_native_wgrad"],
+            "ours_speedup_from_shifted_weight_grad": best["ours_native_wgrad"] / best["ours"],
+            "ours_speedup_from_shifted_weight_grad_paired_median": paired_ratio(times["ours_native_wgrad"],
+                                                                                times["ours"]),
+            "note": f"{CONV_WEIGHT_GRAD_ENV}=native: oneDNN's weight gradient for every convolution "
+                    "(see simclrv2.models.conv_weight_grad)"}
     if "ours_glibc" in workers:
         results["pretrain"]["ours_glibc_malloc"] = {
             **stats(times["ours_glibc"]), "images_per_s": batch / best["ours_glibc"],
@@ -882,6 +905,12 @@ def render_table(r: dict[str, Any]) -> str:
     o, lt, lb = p["ours"], p["lightly"], p["lightly_best"]
     lines.append(row(f"ours ({c['precision']}, channels_last, {c['optimizer']}, 1 fwd of 2N)", o,
                      o["gflop_per_step"], o["achieved_gflops"]))
+    if "ours_native_weight_grad" in p:
+        q = p["ours_native_weight_grad"]
+        lines.append(row(f"ours, oneDNN weight gradients ({CONV_WEIGHT_GRAD_ENV}=native; ours "
+                         f"{q['ours_speedup_from_shifted_weight_grad']:.2f}x, paired median "
+                         f"{q['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)", q,
+                         o["gflop_per_step"], o["gflop_per_step"] / q["min"]))
     if "ours_glibc_malloc" in p:
         lines.append(row("ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)", p["ours_glibc_malloc"],
                          o["gflop_per_step"], o["gflop_per_step"] / p["ours_glibc_malloc"]["min"]))
@@ -978,6 +1007,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aug-batch-224", type=int, default=None, help="default 64 (16 with --quick)")
     parser.add_argument("--ablate-malloc", action="store_true", help="also time our step with glibc's default "
                         "malloc policy (SIMCLRV2_MALLOC_TUNING=0, see simclrv2.training.runtime)")
+    parser.add_argument("--ablate-conv-grad", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time our step with oneDNN's weight gradient for every convolution "
+                        f"({CONV_WEIGHT_GRAD_ENV}=native, see simclrv2.models.conv_weight_grad); on by default")
     parser.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     parser.add_argument("--stages", action="store_true", help="also time fine-tuning, distillation "
                         "(teacher + student), evaluation and prediction against a plain fp32 PyTorch loop")

@@ -28,6 +28,7 @@ import torch
 
 from simclrv2.config import Config, parse_arch_cheap
 from simclrv2.errors import ConfigError, Terminated
+from simclrv2.models.conv_weight_grad import shifted_enabled_by_env
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils import precision_probe
 
@@ -241,6 +242,7 @@ def seed_everything(seed: int) -> None:
 
 def setup_runtime(cfg: Config) -> Runtime:
     """Initialise processes (torchrun env), the device and precision, and seeds."""
+    shifted_enabled_by_env()  # a bad SIMCLRV2_CONV_WEIGHT_GRAD is an error before any work
     rank, world_size, local_rank = dist_utils.setup_distributed(timeout=getattr(cfg, "dist_timeout", None))
     device = resolve_device(cfg.device, local_rank)
     # rank 0 measures (when auto has a real choice on this CPU) and every rank uses its answer
