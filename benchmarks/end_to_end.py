@@ -228,15 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.cifar / "train").is_dir():
         parser.error(f"--cifar: {args.cifar} has no train/ folder")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import host_info, run_record  # sibling benchmark script
+    from throughput import host_info, machine_busy_before, run_record  # sibling benchmark script
 
     import torch
 
     host = host_info(torch.get_num_threads())
     # One result file per host kind (as throughput.py): end_to_end-<host kind>[-quick].json.
     out = args.out or DEFAULT_OUT.with_name(f"end_to_end-{host['host_kind']}{'-quick' if q else ''}.json")
+    load_before = load_average()
+    busy, cpu_used_before, busy_rule = machine_busy_before(load_before)
     report: dict[str, Any] = {"run": run_record(argv, "benchmarks/end_to_end.py"),
-                              "load_average_before": load_average(), "host": host,
+                              "load_average_before": load_before, "machine_busy": busy,
+                              "other_cpu_use_before": cpu_used_before, "busy_rule": busy_rule, "host": host,
                               "torch": torch.__version__,
                               "settings": {"train_per_class": per_class, "test_per_class": test_per_class,
                                            "batch_size": batch, "epochs": epochs, "arch": args.arch,
@@ -281,9 +284,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
         report["cases"][case] = entry
     report["load_average_after"] = load_average()
-    busy = max((report["load_average_before"] or [0])[0], (report["load_average_after"] or [0])[0])
-    report["machine_note"] = ("BUSY machine (load average above half the CPU count): absolute figures inflated"
-                              if busy > 0.5 * (os.cpu_count() or 1) else "quiet machine")
+    report["machine_note"] = (f"BUSY machine ({busy_rule}): absolute figures inflated" if busy
+                              else f"quiet machine ({busy_rule})")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

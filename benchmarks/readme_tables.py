@@ -93,13 +93,16 @@ def _load_text(payload: dict, cpu_count: int | None) -> str:
     if before is None and after is None and env.get("load_average"):
         return (f"load average {env['load_average'][0]:.2f} at the end of the run on {cpu_count} CPUs "
                 "(not recorded before it)")
-    verdict = env.get("machine_busy")
+    verdict = env.get("machine_busy", payload.get("machine_busy"))
     note = payload.get("machine_note") or env.get("note", "")
     # ``machine_busy`` (from the load before the run) decides where recorded: the load after a run
     # counts the run's own processes, which older notes took for other users.
     busy = verdict if verdict is not None else note.startswith("BUSY")
     text = (f"load average {before[0]:.2f} before, {after[0]:.2f} after on {cpu_count} CPUs"
             if before and after else "load average not recorded")
+    used = env.get("other_cpu_use_before", payload.get("other_cpu_use_before"))
+    if used is not None:
+        text = f"other processes used {100 * used:.0f}% of the CPUs just before the run; {text}"
     if busy:
         return f"**BUSY machine** ({text}: other processes shared the CPUs; absolute rates are low)"
     return f"quiet machine ({text})"
@@ -167,6 +170,18 @@ def throughput_section(path: Path) -> str:
             f"{compiled['images_per_s']:.1f} img/s: {compiled['speedup_vs_eager']:.2f}x eager (paired median "
             f"{compiled['speedup_vs_eager_paired_median']:.2f}x)"
             + (f"; first round, compiling, {first:.0f} s" if first else ""))
+    native_wgrad = p.get("ours_native_weight_grad")
+    if native_wgrad:
+        row("our step with oneDNN's weight gradients (`SIMCLRV2_CONV_WEIGHT_GRAD=native`)",
+            f"{native_wgrad['images_per_s']:.1f} img/s: the shifted weight gradient makes our step "
+            f"{native_wgrad['ours_speedup_from_shifted_weight_grad']:.2f}x faster (paired median "
+            f"{native_wgrad['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)")
+    glibc = p.get("ours_glibc_malloc")
+    if glibc:
+        row("our step with glibc's default malloc (`SIMCLRV2_MALLOC_TUNING=0`)",
+            f"{glibc['images_per_s']:.1f} img/s: keeping freed blocks makes our step "
+            f"{glibc['ours_speedup_from_malloc_setting']:.2f}x faster (paired median "
+            f"{glibc['ours_speedup_from_malloc_setting_paired_median']:.2f}x)")
     if p.get("lightly"):
         row("lightly as its examples run (fp32, NCHW)", f"{p['lightly']['images_per_s']:.1f} img/s")
     best_peer = p.get("lightly_best")

@@ -58,8 +58,9 @@ machine showed in this run); ``theoretical_peak_fraction`` = our FLOP/s / (cores
 FLOP/cycle of the ISA oneDNN uses: AVX2, AVX-512, AVX-512-BF16, AMX), see ``theoretical_peaks``.
 
 Host: the JSON records CPU model/family/flags, threads, oneDNN version, ISA and the kernels it
-picks (``amx_in_use``), torch version, and the load average before and after (runs with a load above
-half the CPU count are marked BUSY: absolute times inflated, interleaved ratios less so). Results go
+picks (``amx_in_use``), torch version, and the load average before and after. A run is marked BUSY
+when other processes used more than 25% of the CPUs in the 3 s before it (``machine_busy_before``):
+absolute times inflated, interleaved ratios less so. Results go
 to ``results/throughput-<host kind>[-quick].json``, one file per host kind.
 
 ``--stages`` / ``--stages-only``: fine-tuning, distillation (teacher + student), evaluation and
@@ -613,6 +614,29 @@ def theoretical_peaks(info: dict[str, str], flags: list[str], threads: int, amx:
             "bf16_note": None if bf16 else "no native bf16 (bf16 is emulated via fp32 and slower)"}
 
 
+def amx_permission() -> dict[str, Any]:
+    """Whether Linux lets this process use the AMX tile registers, and what could stop oneDNN from
+    using AMX (issue 17: a host with AMX flags where oneDNN reported AVX-512). Since Linux 5.16 a
+    process must ask for the tile-data state with ``arch_prctl(ARCH_REQ_XCOMP_PERM, 18)``; oneDNN asks
+    itself, and falls back to AVX-512 when the kernel (or a hypervisor hiding XFD) refuses.
+    ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` cap the ISA too."""
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if k in os.environ}
+    if platform.machine() != "x86_64" or not sys.platform.startswith("linux"):
+        return {"granted": None, "isa_cap_env": caps, "note": "not x86-64 Linux"}
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # <asm/prctl.h>
+        rc = libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata)
+        errno = ctypes.get_errno()
+    except (OSError, AttributeError) as exc:
+        return {"granted": None, "isa_cap_env": caps, "note": f"could not ask: {exc}"}
+    return {"granted": rc == 0, "errno": None if rc == 0 else errno, "isa_cap_env": caps,
+            "note": "arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) " + ("granted" if rc == 0 else
+                                                                     f"refused (errno {errno})")}
+
+
 def host_info(threads: int) -> dict[str, Any]:
     info = _cpuinfo()
     flags = cpu_flags()
@@ -629,8 +653,46 @@ def host_info(threads: int) -> dict[str, Any]:
     return {"host_kind": f"{vendor}-{isa_kind}", "cpu": cpu_name(), "vendor": info.get("vendor_id"),
             "cpu_family": info.get("cpu family"), "cpu_model_number": info.get("model"),
             "cpu_count": os.cpu_count(), "threads": threads, "cpu_flags": flags, "onednn": dnn,
+            "amx_permission": amx_permission() if "amx_tile" in flags else None,
             "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
             "theoretical": theoretical_peaks(info, flags, threads, bool(dnn.get("amx_in_use")))}
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from ``/proc/stat`` (None off Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def other_cpu_use(seconds: float = 3.0) -> float | None:
+    """The fraction of all CPUs busy while this process sleeps for ``seconds``: what other processes
+    use right before a benchmark starts. The 1-minute load average lags by minutes (a benchmark that
+    just ended still shows as load), so the busy verdict (``machine_busy_before``) comes from this."""
+    start = _cpu_ticks()
+    time.sleep(seconds)
+    end = _cpu_ticks()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return round((end[0] - start[0]) / (end[1] - start[1]), 3)
+
+
+#: Other processes using more than this fraction of all CPUs before a run make it BUSY.
+BUSY_CPU_FRACTION = 0.25
+
+
+def machine_busy_before(load_before: list[float] | None) -> tuple[bool, float | None, str]:
+    """(busy, measured fraction, how decided): from :func:`other_cpu_use` where ``/proc/stat`` exists,
+    else from the 1-minute load average above half the CPU count."""
+    used = other_cpu_use()
+    if used is not None:
+        return used > BUSY_CPU_FRACTION, used, (f"other processes used {100 * used:.0f}% of the CPUs in the 3 s "
+                                                f"before the run (BUSY above {100 * BUSY_CPU_FRACTION:.0f}%)")
+    busy = bool(load_before and load_before[0] > 0.5 * (os.cpu_count() or 1))
+    return busy, None, "1-minute load average before the run (BUSY above half the CPU count)"
 
 
 def load_average() -> list[float] | None:
@@ -644,6 +706,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None)
     batch = args.batch_size
     load_before = load_average()
+    busy, cpu_used_before, busy_rule = machine_busy_before(load_before)
     threads_now = args.threads or torch.get_num_threads()
     host = host_info(threads_now)
     native_bf16 = host["native_bf16"]
@@ -748,7 +811,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peer_names = [n for n in ("lightly", "lightly_best") if n in workers]
     peer_fastest = min(peer_names, key=lambda n: best[n]) if peer_names else None
     load_after = load_average()
-    busy = bool(load_before and load_before[0] > 0.5 * (os.cpu_count() or 1))
 
     results: dict[str, Any] = {
         "pretrain_speedup_vs_lightly": best["lightly"] / best["ours"] if peer else None,
@@ -792,11 +854,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "cpu_flags": host["cpu_flags"], "lightly": peer_version,
         "host_kind": host["host_kind"], "host": host,
         "load_average": load_after, "load_average_before": load_before, "load_average_after": load_after,
-        "machine_busy": busy,
-        "note": ("BUSY machine: other processes shared the CPUs during this run (load average before "
-                 f"{load_before}, after {load_after} on {os.cpu_count()} CPUs); variants were interleaved round "
-                 "by round so ratios stay comparable, absolute times are inflated") if busy else
-                "quiet machine (load average before the run; the one after it counts this run's own workers)",
+        "machine_busy": busy, "other_cpu_use_before": cpu_used_before, "busy_rule": busy_rule,
+        "note": (f"BUSY machine: {busy_rule}; load average before {load_before}, after {load_after} on "
+                 f"{os.cpu_count()} CPUs; variants were interleaved round by round so ratios stay comparable, "
+                 "absolute times are inflated") if busy else
+                f"quiet machine ({busy_rule}; the load average after the run counts this run's own workers)",
     }
     step_aug = best["augment"]
     results["pretrain"] = {
@@ -883,7 +945,8 @@ def render_table(r: dict[str, Any]) -> str:
     lines = [
         f"SimCLRv2 throughput -- host kind {env['host_kind']}: {env['cpu']} ({env['cpu_count']} CPUs, "
         f"{', '.join(env['cpu_flags'])}; oneDNN ISA {env['host']['onednn'].get('isa')}, "
-        f"AMX {'in use' if env['host']['onednn'].get('amx_in_use') else 'not used'}), "
+        f"AMX {'in use' if env['host']['onednn'].get('amx_in_use') else 'not used'}"
+        + (f"; {env['host']['amx_permission']['note']}" if env["host"].get("amx_permission") else "") + "), "
         f"torch {env['torch']}, {c['threads']} threads, lightly {env['lightly'] or 'not installed'}",
         f"load average before {env['load_average_before']}, after {env['load_average_after']}: {env['note']}",
         f"--precision auto: {r['precision_probe']['precision']} ({r['precision_probe']['reason']}"
@@ -1053,11 +1116,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.stages_only:
         before = load_average()
+        busy, cpu_used_before, busy_rule = machine_busy_before(before)
         host = host_info(torch.get_num_threads())
         results = {"run": record, "stages": stage_benchmarks(args.stage_batch, args.steps), "host": host,
-                   "torch": torch.__version__, "load_average_before": before, "load_average_after": load_average()}
-        busy = max(before[0] if before else 0, results["load_average_after"][0] if before else 0)
-        results["machine_note"] = "BUSY machine" if busy > 0.5 * (os.cpu_count() or 1) else "quiet machine"
+                   "torch": torch.__version__, "load_average_before": before, "load_average_after": load_average(),
+                   "machine_busy": busy, "other_cpu_use_before": cpu_used_before, "busy_rule": busy_rule}
+        results["machine_note"] = f"{'BUSY' if busy else 'quiet'} machine ({busy_rule})"
         print(render_stages(results["stages"]))
         args.out = args.out or RESULTS_DIR / f"stages-{host['host_kind']}{'-quick' if args.quick else ''}.json"
         args.out.parent.mkdir(parents=True, exist_ok=True)
