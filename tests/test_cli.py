@@ -157,3 +157,15 @@ def test_console_script_invalid_setting_exit_code(tmp_path):
     assert proc.returncode == 2
     assert "temperature" in proc.stderr
     assert not out_dir.exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_141():
+    """``simclrv2 models | head -0``: a real pipe whose reading end is closed before the command writes."""
+    from simclrv2.errors import EXIT_BROKEN_PIPE
+
+    proc = subprocess.Popen([_console_script(), "models", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

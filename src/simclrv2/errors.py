@@ -14,6 +14,7 @@ Exit codes (documented in the README, "What to expect after a crash"):
 2     bad settings, data or checkpoint; nothing was trained (:class:`ConfigError`,
       :class:`DataError`, :class:`CheckpointError`)
 130   interrupted with Ctrl-C (resumable)
+141   the reader of standard output went away (``simclrv2 models | head``; 128 + SIGPIPE, as a shell reports it)
 143   stopped by SIGTERM (inside training after saving a checkpoint; resumable)
 ====  =====================================================================
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "SimCLRv2Error", "ConfigError", "DataError", "MissingSplitError", "CheckpointError",
     "TrainingError", "Terminated", "EXIT_OK", "EXIT_TRAINING", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
+    "EXIT_BROKEN_PIPE",
 ]
 
 EXIT_OK = 0
@@ -30,6 +32,7 @@ EXIT_TRAINING = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141
 
 
 class SimCLRv2Error(Exception):

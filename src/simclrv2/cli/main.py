@@ -8,6 +8,7 @@ Invalid settings exit with code 2 before any work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -16,7 +17,7 @@ from typing import Any, Callable, Sequence
 from simclrv2 import __version__
 from simclrv2.config import Config, build_config, check_applies, field_kind, fields_for_stage, load_yaml, \
     stage_defaults
-from simclrv2.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, SimCLRv2Error, TrainingError
+from simclrv2.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, SimCLRv2Error, TrainingError
 
 DESCRIPTIONS = {
     "pretrain": "Step 1: task-agnostic SimCLRv2 contrastive pretraining (NT-Xent over two augmented views, "
@@ -177,6 +178,18 @@ def _runner(stage: str) -> Callable[[Config], Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``simclrv2`` command; returns its exit code (``simclrv2.errors``)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader of our standard output went away (``simclrv2 models | head``): stop quietly, as a
+        # C tool killed by SIGPIPE would, and keep Python from failing again when it flushes at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras and args.command in (None, "models") or (extras and args.command not in DESCRIPTIONS):
