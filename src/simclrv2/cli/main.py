@@ -225,14 +225,17 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"simclrv2 {args.command}: not available in this version ({exc})", file=sys.stderr)
         return EXIT_USAGE
     from simclrv2.training.runtime import sigterm_stops_cleanly
+    from simclrv2.utils.distributed import cleanup_distributed
     try:
         with sigterm_stops_cleanly():  # SIGTERM outside a training loop: exit 143, one line (errors.py)
             runner(cfg)
+        cleanup_distributed()
     except TrainingError as exc:
         print(f"simclrv2 {args.command}: stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except SimCLRv2Error as exc:
         print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
+        cleanup_distributed()  # every rank found the same problem before training (errors.py exit 2)
         return exc.exit_code
     except RuntimeError as exc:  # a decoding worker died outside a training loop (data/loader.py)
         from simclrv2.data.loader import worker_failure
