@@ -232,16 +232,19 @@ def _main(argv: Sequence[str] | None) -> int:
         cleanup_distributed()
     except TrainingError as exc:
         print(f"simclrv2 {args.command}: stopped: {exc}", file=sys.stderr)
+        from simclrv2.data.loader import release_dead_loader
+        release_dead_loader(exc)  # a worker death's half-built DataLoader iterator, without its traceback
         return exc.exit_code
     except SimCLRv2Error as exc:
         print(f"simclrv2 {args.command}: error: {exc}", file=sys.stderr)
         cleanup_distributed()  # every rank found the same problem before training (errors.py exit 2)
         return exc.exit_code
     except RuntimeError as exc:  # a decoding worker died outside a training loop (data/loader.py)
-        from simclrv2.data.loader import worker_failure
+        from simclrv2.data.loader import release_dead_loader, worker_failure
         if (failure := worker_failure(exc)) is None:
             raise
         print(f"simclrv2 {args.command}: stopped: {failure}", file=sys.stderr)
+        release_dead_loader(exc)
         return failure.exit_code
     except KeyboardInterrupt:
         print(f"simclrv2 {args.command}: interrupted; resume with --resume --out <run dir>", file=sys.stderr)

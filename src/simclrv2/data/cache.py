@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from simclrv2.errors import DataError
+from .loader import quiet_abandoned_transfers
 from .sources import Batch, ImageSource, TensorImageSource
 
 __all__ = ["DEFAULT_CACHE_BYTES", "cache_nbytes", "fits_in_memory", "cache_in_memory"]
@@ -105,7 +106,8 @@ def cache_in_memory(
     chunks = list(torch.arange(n).split(batch_size))
     dataset = _Chunks(source, strict)
     if num_workers > 0:
-        results = DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=num_workers, collate_fn=_identity)
+        results = DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=num_workers, collate_fn=_identity,
+                             worker_init_fn=quiet_abandoned_transfers)
     else:
         results = (dataset[c] for c in chunks)
     failed: list[tuple[int, str]] = []
