@@ -47,9 +47,10 @@ from simclrv2.training.report import compare_methods, hardware
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SIMCLRV2_CIFAR10_DIR", REPO.parent / "shared" / "datasets" / "cifar10"))
 
-# Epoch budget for <= 90 min on 2 cores at 16 px; None = the stage's default (fine-tuning: 60 epochs at
-# 1% labels, 30 at 10%; supervised: the fine-tuning epochs).
-BUDGET = dict(pretrain_epochs=20, pretrain_batch_size=256, finetune_epochs=None, distill_epochs=2, supervised_epochs=None)
+# Budget for <= 90 min on 2 cores at 16 px (one seed): epochs per stage and the pretraining batch size;
+# None = the stage's default (fine-tuning: 60 epochs at 1% labels, 30 at 10%; supervised: the fine-tuning epochs).
+BUDGET = dict(pretrain_epochs=20, pretrain_batch_size=256, finetune_epochs=None, distill_epochs=2,
+              supervised_epochs=None)
 IMAGE_SIZE = 16
 SEEDS = 3
 """Every stage after pretraining runs with 3 seeds (one pretraining run); ``--seeds 1`` is the 90-minute

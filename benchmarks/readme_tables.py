@@ -348,6 +348,7 @@ def cifar10_summary(payload: dict) -> str:
     if "pretrain" in seconds:
         text += f" (pretraining {seconds['pretrain'] / 60:.1f} min, the {len(seconds) - 1} later stages " \
                 f"{(sum(seconds.values()) - seconds['pretrain']) / 60:.1f} min)"
+        # The first seed's stages carry no " seed N" suffix (training.pipeline.plan_pipeline names them).
         one_seed = sum(v for k, v in seconds.items() if " seed " not in k) / 60
         text += f"; one seed, pretraining included: {one_seed:.1f} min"
     hw = payload.get("hardware") or {}
