@@ -27,7 +27,7 @@ What is measured, in ONE run on the same machine, same batch and the same number
 * **ours, oneDNN weight gradients** (``ours_native_wgrad``, on unless ``--no-ablate-conv-grad``):
   our step with ``SIMCLRV2_CONV_WEIGHT_GRAD=native``, i.e. without the shifted weight gradient of
   :mod:`simclrv2.models.conv_weight_grad`. ``ours_speedup_from_shifted_weight_grad`` is what that
-  rule buys on the machine at hand (1.0 where it does not apply: fp32, CUDA).
+  rule buys on the machine at hand (bf16 and fp32 on CPU; 1.0 where it does not apply).
 * **lightly** (peer reference; ``pip install lightly``, reported as unavailable otherwise):
   torchvision ``resnet18`` with the same CIFAR stem (conv1 3x3/s1, maxpool and fc = Identity),
   lightly's ``SimCLRProjectionHead(512, 512, 128, num_layers=3)`` (our head's depth/width),
@@ -107,6 +107,7 @@ from augment_speed import format_case, measure_case  # noqa: E402  (sibling benc
 
 from simclrv2.augment import AugmentConfig, SimCLRAugmentation  # noqa: E402
 from simclrv2.config import build_config  # noqa: E402
+from simclrv2.errors import ConfigError, SimCLRv2Error, TrainingError  # noqa: E402
 from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
 from simclrv2.models.conv_weight_grad import ENV_VAR as CONV_WEIGHT_GRAD_ENV  # noqa: E402
@@ -256,8 +257,11 @@ def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
     import gc
 
     def reply(obj: dict[str, Any]) -> None:
-        sys.stdout.write(REPLY + json.dumps(obj) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the parent has gone (it reports why): nothing is left to answer
+            os._exit(1)
 
     peer = variant.startswith("lightly")
     if peer:
@@ -311,6 +315,10 @@ ABLATIONS = {
 }
 
 
+class WorkerDied(TrainingError):
+    """A worker process ended before answering (``main`` reports it in one line, exit code 1)."""
+
+
 class Worker:
     """Parent-side handle of a worker process."""
 
@@ -335,7 +343,11 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(REPLY):
                 return json.loads(line[len(REPLY):])
-        raise RuntimeError(f"worker {self.variant!r} exited with code {self.proc.wait()} (see its stderr above)")
+        code = self.proc.wait()
+        why = (f"killed by signal {-code}" + (" (SIGKILL: most often the kernel's out-of-memory killer; "
+                                              "see dmesg, and try a smaller --batch-size)" if code == -9 else "")
+               if code < 0 else f"exited with code {code} (see its stderr above)")
+        raise WorkerDied(f"worker {self.variant!r} {why}")
 
     def ready(self) -> None:
         self.info = self._read()
@@ -353,6 +365,19 @@ class Worker:
     def step(self) -> float:
         return self.request("step")["seconds"]
 
+    def rss_mb(self) -> dict[str, float]:
+        """This worker's current and peak resident memory (``VmRSS``, ``VmHWM``), read by the parent."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return {}
+        return {k: int(v) / 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, flags=re.M)}
+
+    def stop(self) -> None:
+        """End the worker without its memory report (a variant left out for lack of memory)."""
+        self.proc.kill()
+        self.proc.wait(timeout=60)
+
     def step_counting_flops(self) -> float:
         return self.request("flops")["seconds"]
 
@@ -360,6 +385,50 @@ class Worker:
         out = self.request("quit")
         self.proc.wait(timeout=60)
         return out
+
+
+# ---- memory: leave out what does not fit before anything is killed -----------------------------
+
+#: Variants a target needs, in the order they are kept; the others are left out first, last first.
+REQUIRED_VARIANTS = ("ours", "lightly", "lightly_best", "ours_memory")
+#: Each other worker is assumed to grow by this multiple of the first step's growth of ``ours``
+#: (``ours_compiled`` grew 1.13x, ``ours_memory`` 1.06x on the amd-avx2 host at batch 256, fp32).
+GROWTH_MARGIN = 1.15
+#: Memory kept free for this process, the probes and the page cache.
+RESERVE_MB = 768
+
+
+def mem_available_mb() -> float | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in MB (None off Linux)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", text, flags=re.M)
+    return int(found.group(1)) / 1024 if found else None
+
+
+def plan_memory(first_growth_mb: float, others: list[str], available_mb: float,
+                baseline_mb: dict[str, float]) -> tuple[list[str], list[str], float, float]:
+    """Which of ``others`` (workers not yet stepped) fit in ``available_mb`` once each grows by about
+    ``GROWTH_MARGIN`` x ``first_growth_mb``; optional variants are left out (last first) until they
+    fit, and a left-out worker also gives back its baseline. Returns (kept, left out, MB needed, MB
+    free once the left-out workers are gone); the required variants do not fit where needed > free."""
+    kept = list(others)
+    left_out: list[str] = []
+
+    def need(names: list[str]) -> float:
+        return GROWTH_MARGIN * first_growth_mb * len(names) + RESERVE_MB
+
+    free = available_mb
+    while need(kept) > free:
+        optional = [n for n in kept if n not in REQUIRED_VARIANTS]
+        if not optional:
+            break
+        kept.remove(optional[-1])
+        left_out.append(optional[-1])
+        free += baseline_mb.get(optional[-1], 0.0)
+    return kept, left_out, need(kept), free
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -760,8 +829,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         emulated_bf16 = {"shape": "layer3_256x8 at batch 16, fwd, channels_last",
                          "gflops": flops / min(timed(fn)() for _ in range(2)) / 1e9}
 
+    # Our first step (untimed, counting FLOPs) shows how much a worker grows at this batch; the
+    # variants that would not fit in the memory left are left out before any of them is stepped
+    # (six fp32 workers at batch 256 need ~30 GB: the kernel would kill one mid-run).
+    base_rss = {name: w.rss_mb().get("VmRSS", 0.0) for name, w in workers.items()}
+    workers["ours"].step_counting_flops()
+    first_growth = workers["ours"].rss_mb().get("VmHWM", 0.0) - base_rss["ours"]
+    available = mem_available_mb()
+    left_out: dict[str, str] = {}
+    if available is not None:
+        others = [n for n in workers if n != "ours"]
+        kept, dropped, needed, free = plan_memory(first_growth, others, available, base_rss)
+        for name in dropped:
+            workers.pop(name).stop()
+            fns.pop(name)
+            left_out[name] = (f"left out for memory: our first step grew its worker by {first_growth:.0f} MB; "
+                              f"{len(others)} more workers would need about "
+                              f"{GROWTH_MARGIN * first_growth * len(others) + RESERVE_MB:.0f} MB, "
+                              f"{available:.0f} MB was available (without it: {needed:.0f} MB)")
+            say(f"{name} {left_out[name]}")
+        if needed > free:
+            for w in workers.values():
+                w.stop()
+            raise ConfigError(
+                f"batch {batch}: our first step grew its worker by {first_growth:.0f} MB, so the "
+                f"{len(kept)} other workers needed ({', '.join(kept)}) would take about {needed:.0f} MB and "
+                f"{available:.0f} MB is available; use a smaller --batch-size (memory grows about "
+                "linearly with it)")
     # FLOPs are counted on the first (warm-up) step of each network; separately when --warmup 0.
-    counting = {name: w.step_counting_flops for name, w in workers.items() if name in ("ours", "lightly")}
+    counting = {name: w.step_counting_flops for name, w in workers.items() if name == "lightly"}
     t_phase = time.perf_counter()
     say(f"{args.warmup} warm-up + {args.steps} timed rounds of {', '.join(fns)} ...")
     warmup_times: dict[str, list[float]] = {}
@@ -926,6 +1022,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["stages"] = stage_benchmarks(args.stage_batch, args.steps)
         phases["stages"] = time.perf_counter() - t_phase
     results["memory"] = memory
+    results["left_out"] = left_out
     results["phase_seconds"] = phases
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
@@ -1025,6 +1122,8 @@ def render_table(r: dict[str, Any]) -> str:
     for name, m in r["memory"].items():
         lines.append(f"  {name:<12s} +{m['growth_mb']:7.0f} MB  (peak RSS {m['peak_rss_mb']:.0f} MB, "
                      f"baseline {m['baseline_rss_mb']:.0f} MB, {m['method']})")
+    for name, why in (r.get("left_out") or {}).items():
+        lines.append(f"  {name}: {why}")
     lines.append("")
     lines.append("targets")
     labels = {
@@ -1128,7 +1227,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
         return
-    results = {"run": record, **run(args)}
+    try:
+        results = {"run": record, **run(args)}
+    except SimCLRv2Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     print(render_table(results))
     if "stages" in results:
         print(render_stages(results["stages"]))

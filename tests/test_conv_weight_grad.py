@@ -66,14 +66,41 @@ def test_a_small_bf16_conv_takes_the_shifted_path_and_matches_onednn(monkeypatch
     assert rel < 1e-2, rel                                              # bf16 rounding, another order
 
 
-@pytest.mark.parametrize("case", ["fp32", "large output", "no grad", "1x1 kernel"])
+def test_a_small_fp32_conv_takes_the_shifted_path_and_matches_onednn(monkeypatch):
+    """fp32 (``--precision auto`` on CPUs without native bf16): the same path, no autocast."""
+    torch.manual_seed(0)
+    conv = Conv2dFixedPadding(32, 48, 3, 1).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 32, 4, 4).to(memory_format=torch.channels_last)
+    grad_out = torch.randn(16, 48, 4, 4)
+
+    def grads():
+        conv.zero_grad()
+        leaf = x.clone().requires_grad_()
+        y = conv(leaf)
+        y.backward(grad_out)
+        return y, leaf.grad, conv.weight.grad.clone()
+
+    y_fast, gx_fast, gw_fast = grads()
+    assert type(y_fast.grad_fn).__name__ == "_Conv2dShiftedWeightGradBackward"
+    monkeypatch.setenv(ENV_VAR, "native")
+    y_ref, gx_ref, gw_ref = grads()
+    assert type(y_ref.grad_fn).__name__ != "_Conv2dShiftedWeightGradBackward"
+    assert y_fast.dtype == gw_fast.dtype == torch.float32
+    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=0)           # the same oneDNN forward
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=0, atol=0)         # the same oneDNN input gradient
+    torch.testing.assert_close(gw_fast, gw_ref, rtol=1e-5, atol=1e-5)   # fp32 rounding, another order
+
+
+@pytest.mark.parametrize("case", ["fp64", "large output", "no grad", "1x1 kernel"])
 def test_the_shifted_path_is_left_out_where_the_rule_says(case):
     torch.manual_seed(0)
     conv = Conv2dFixedPadding(8, 8, 1 if case == "1x1 kernel" else 3, 1)
     side = 8 if case == "large output" else 4
     assert side * side > SHIFTED_MAX_OUTPUT_AREA or case != "large output"
     x = torch.randn(2, 8, side, side, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "fp32"), \
+    if case == "fp64":
+        conv, x = conv.double(), x.detach().double().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "fp64"), \
             torch.set_grad_enabled(case != "no grad"):
         y = conv(x)
     name = type(y.grad_fn).__name__ if y.grad_fn is not None else None

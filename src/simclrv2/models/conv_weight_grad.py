@@ -1,4 +1,4 @@
-"""A faster weight gradient for 3x3 convolutions with small outputs, in bf16 on CPU (issue #17).
+"""A faster weight gradient for 3x3 convolutions with small outputs, in bf16 and fp32 on CPU (issue #17).
 
 Why: on CPU the convolution backward is done by oneDNN. Its weight-gradient kernel
 (``brgconv_bwd_w``) reduces over ``N * H_out * W_out`` and is slow when the output is small.
@@ -30,12 +30,27 @@ the end-to-end figure):
   fp32: 512, 512 -> 512, 4 px, 1           160.4    152.3  1.05x
   ======================================  ======  =======  =====
 
-So the rule (:func:`wants_shifted_weight_grad`): CPU, bf16 compute (autocast or bf16
-tensors), kernel at least 3x3, no groups or dilation, and an output of at most 7x7
-(``SHIFTED_MAX_OUTPUT_AREA``). Nothing changes on CUDA, in fp32, in inference, or under
+In fp32 oneDNN's weight gradient is slow at small outputs too. On a 2-core AMD EPYC with AVX2
+only (host kind ``amd-avx2``, no native bf16, so ``--precision auto`` trains in fp32; oneDNN
+``brg_conv`` avx2), fp32, channels_last, GFLOP/s (``torch.mm`` fp32 ran at 130 there):
+
+  ======================================  ======  =======  =====
+  shape (N, C_in -> C_out, H_in, stride)  oneDNN  shifted  ratio
+  ======================================  ======  =======  =====
+  512, 512 -> 512, 4 px, 1                    84      122  1.45x
+  512, 256 -> 512, 8 px, 2                    51       77  1.51x
+  128, 512 -> 512, 7 px, 1                    74      125  1.69x
+  128, 256 -> 512, 14 px, 2                   75      109  1.45x
+  512, 256 -> 256, 8 px, 1                   136       85  0.63x
+  512, 64 -> 64, 32 px, 1                     80       42  0.52x
+  ======================================  ======  =======  =====
+
+So the rule (:func:`wants_shifted_weight_grad`): CPU, bf16 or fp32 compute (autocast or the
+tensors' dtype), kernel at least 3x3, no groups or dilation, and an output of at most 7x7
+(``SHIFTED_MAX_OUTPUT_AREA``). Nothing changes on CUDA, in fp64, in inference, or under
 ``torch.compile``. The forward and the input gradient are oneDNN's, unchanged. The weight
-gradient is the same sum in a different order: it matches oneDNN's to bf16 rounding (relative
-error about 5e-5, see ``tests/test_conv_weight_grad.py``). ``SIMCLRV2_CONV_WEIGHT_GRAD=native``
+gradient is the same sum in a different order: it matches oneDNN's to rounding (relative error
+about 5e-5 in bf16, 4e-6 in fp32, see ``tests/test_conv_weight_grad.py``). ``SIMCLRV2_CONV_WEIGHT_GRAD=native``
 turns the rule off. ``benchmarks/throughput.py --ablate-conv-grad`` measures the step both
 ways on the machine at hand.
 """
@@ -87,7 +102,7 @@ def wants_shifted_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride: tup
         return False
     if groups != 1 or tuple(dilation) != (1, 1) or min(weight.shape[-2:]) < 3:
         return False
-    if torch.compiler.is_compiling() or _compute_dtype(x) != torch.bfloat16:
+    if torch.compiler.is_compiling() or _compute_dtype(x) not in (torch.bfloat16, torch.float32):
         return False
     h_out = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
@@ -138,7 +153,8 @@ class _Conv2dShiftedWeightGrad(torch.autograd.Function):
 
 def conv2d_shifted_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
                                padding: tuple[int, int]) -> torch.Tensor:
-    """``F.conv2d(x, weight, None, stride, padding)`` in bf16 with the shifted weight gradient.
-    Casts ``x`` and ``weight`` as autocast would; the gradient reaches the fp32 weight through the cast."""
+    """``F.conv2d(x, weight, None, stride, padding)`` with the shifted weight gradient, in the compute
+    dtype (bf16 under autocast: ``x`` and ``weight`` are cast as autocast would, and the gradient
+    reaches the fp32 weight through the cast; fp32 otherwise)."""
     dtype = _compute_dtype(x)
     return _Conv2dShiftedWeightGrad.apply(x.to(dtype), weight.to(dtype), tuple(stride), tuple(padding))
