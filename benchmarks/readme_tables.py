@@ -176,6 +176,8 @@ def throughput_section(path: Path) -> str:
             f"{native_wgrad['images_per_s']:.1f} img/s: the shifted weight gradient makes our step "
             f"{native_wgrad['ours_speedup_from_shifted_weight_grad']:.2f}x faster (paired median "
             f"{native_wgrad['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)")
+    for name, why in (r.get("left_out") or {}).items():  # variants the run could not fit or had no use for
+        row(f"`{name}`", f"not timed: {why}")
     glibc = p.get("ours_glibc_malloc")
     if glibc:
         row("our step with glibc's default malloc (`SIMCLRV2_MALLOC_TUNING=0`)",
@@ -232,6 +234,10 @@ def throughput_section(path: Path) -> str:
     if value is not None:
         row("peak memory growth / lightly fp32's", f"{value:.2f} ({memory['ours']['growth_mb']:.0f} vs "
             f"{memory['lightly']['growth_mb']:.0f} MB)", "peak_memory_ratio_vs_lightly", value)
+    value = r.get("peak_memory_ratio_vs_lightly_best")
+    if value is not None and "lightly_best" in memory:
+        row("peak memory growth / lightly at its best's", f"{value:.2f} ({memory['ours']['growth_mb']:.0f} vs "
+            f"{memory['lightly_best']['growth_mb']:.0f} MB)")
     value = r["memory_queue_overhead"]
     row("momentum memory + EMA (queue 4096) overhead", f"{value * 100:+.1f}% of a step "
         f"({p['ours_memory']['images_per_s']:.1f} img/s)", "memory_queue_overhead", value)

@@ -846,7 +846,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             left_out[name] = (f"left out for memory: our first step grew its worker by {first_growth:.0f} MB; "
                               f"{len(others)} more workers would need about "
                               f"{GROWTH_MARGIN * first_growth * len(others) + RESERVE_MB:.0f} MB, "
-                              f"{available:.0f} MB was available (without it: {needed:.0f} MB)")
+                              f"{available:.0f} MB was available ({needed:.0f} MB once the {len(dropped)} left out are gone)")
             say(f"{name} {left_out[name]}")
         if needed > free:
             for w in workers.values():
