@@ -61,7 +61,7 @@ def test_throughput_rows_name_the_host_the_load_and_the_command(tmp_path):
     newest = next(p for p in committed if "host" in json.loads(p.read_text())["environment"])
     payload = json.loads(newest.read_text())
     payload["environment"].update(load_average_before=[5.0, 5.0, 5.0], load_average_after=[1.0, 1.0, 1.0],
-                                  machine_busy=True)
+                                  machine_busy=True, other_cpu_use_before=None)
     payload["run"] = {"command": "python benchmarks/throughput.py --quick", "date_utc": "2026-12-02T01:00:00Z"}
     payload["precision_probe"] = {"precision": "fp32", "reason": "measured",
                                   "images_per_s": {"bf16": 10.0, "fp32": 12.5}}
