@@ -102,7 +102,9 @@ def wants_shifted_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride: tup
         return False
     if groups != 1 or tuple(dilation) != (1, 1) or min(weight.shape[-2:]) < 3:
         return False
-    if torch.compiler.is_compiling() or _compute_dtype(x) not in (torch.bfloat16, torch.float32):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # export and compilation see the plain convolution (a traced autograd.Function is opaque)
+    if _compute_dtype(x) not in (torch.bfloat16, torch.float32):
         return False
     h_out = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
