@@ -112,7 +112,8 @@ from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
 from simclrv2.models.conv_weight_grad import ENV_VAR as CONV_WEIGHT_GRAD_ENV  # noqa: E402
 from simclrv2.training.pretrain import PretrainStep  # noqa: E402
-from simclrv2.training.runtime import choose_precision, cpp_compiler, probe_shape, setup_runtime  # noqa: E402
+from simclrv2.training.runtime import (available_memory, choose_precision, cpp_compiler, probe_shape,  # noqa: E402
+                                       setup_runtime)
 from simclrv2.training.trainer import build_optimizer, plan_steps  # noqa: E402
 from simclrv2.utils.ema import ModelEMA  # noqa: E402
 
@@ -235,9 +236,10 @@ class Lightly:
 
 # ---- worker processes (one per variant) ----------------------------------------------------------
 
-def _proc_status_kib() -> dict[str, int]:
+def _proc_status_kib(pid: int | str = "self") -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of a process (a worker's own, or the parent reading a worker's), in KiB."""
     try:
-        text = Path("/proc/self/status").read_text()
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
     return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, flags=re.M)}
@@ -367,11 +369,7 @@ class Worker:
 
     def rss_mb(self) -> dict[str, float]:
         """This worker's current and peak resident memory (``VmRSS``, ``VmHWM``), read by the parent."""
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
-            return {}
-        return {k: int(v) / 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, flags=re.M)}
+        return {k: v / 1024 for k, v in _proc_status_kib(self.proc.pid).items()}
 
     def stop(self) -> None:
         """End the worker without its memory report (a variant left out for lack of memory)."""
@@ -398,14 +396,9 @@ GROWTH_MARGIN = 1.15
 RESERVE_MB = 768
 
 
-def mem_available_mb() -> float | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in MB (None off Linux)."""
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    found = re.search(r"^MemAvailable:\s+(\d+) kB", text, flags=re.M)
-    return int(found.group(1)) / 1024 if found else None
+def memory_needed_mb(first_growth_mb: float, workers: int) -> float:
+    """What ``workers`` more workers need, each growing by about ``GROWTH_MARGIN`` x ours, plus the reserve."""
+    return GROWTH_MARGIN * first_growth_mb * workers + RESERVE_MB
 
 
 def plan_memory(first_growth_mb: float, others: list[str], available_mb: float,
@@ -417,18 +410,15 @@ def plan_memory(first_growth_mb: float, others: list[str], available_mb: float,
     kept = list(others)
     left_out: list[str] = []
 
-    def need(names: list[str]) -> float:
-        return GROWTH_MARGIN * first_growth_mb * len(names) + RESERVE_MB
-
     free = available_mb
-    while need(kept) > free:
+    while memory_needed_mb(first_growth_mb, len(kept)) > free:
         optional = [n for n in kept if n not in REQUIRED_VARIANTS]
         if not optional:
             break
         kept.remove(optional[-1])
         left_out.append(optional[-1])
         free += baseline_mb.get(optional[-1], 0.0)
-    return kept, left_out, need(kept), free
+    return kept, left_out, memory_needed_mb(first_growth_mb, len(kept)), free
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -835,19 +825,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_rss = {name: w.rss_mb().get("VmRSS", 0.0) for name, w in workers.items()}
     workers["ours"].step_counting_flops()
     first_growth = workers["ours"].rss_mb().get("VmHWM", 0.0) - base_rss["ours"]
-    available = mem_available_mb()
+    available_bytes = available_memory(torch.device("cpu"))
     left_out: dict[str, str] = {}
-    if available is not None:
+    if available_bytes is not None:
+        available = available_bytes / 2**20
         others = [n for n in workers if n != "ours"]
         kept, dropped, needed, free = plan_memory(first_growth, others, available, base_rss)
+        why = (f"left out for memory: our first step grew its worker by {first_growth:.0f} MB; "
+               f"{len(others)} more workers would need about {memory_needed_mb(first_growth, len(others)):.0f} MB, "
+               f"{available:.0f} MB was available ({needed:.0f} MB once the {len(dropped)} left out are gone)")
         for name in dropped:
             workers.pop(name).stop()
             fns.pop(name)
-            left_out[name] = (f"left out for memory: our first step grew its worker by {first_growth:.0f} MB; "
-                              f"{len(others)} more workers would need about "
-                              f"{GROWTH_MARGIN * first_growth * len(others) + RESERVE_MB:.0f} MB, "
-                              f"{available:.0f} MB was available ({needed:.0f} MB once the {len(dropped)} left out are gone)")
-            say(f"{name} {left_out[name]}")
+            left_out[name] = why
+            say(f"{name} {why}")
         if needed > free:
             for w in workers.values():
                 w.stop()
