@@ -13,8 +13,8 @@ rate, so for some layer shapes fp32 wins. A static rule cannot know, so auto mea
   BatchNorm + ReLU per ResNet stage, at the network's widths (64, 128, 256, 512 x width) and
   feature-map sizes (the CIFAR stem keeps the image side, the ImageNet stem divides it by 4, each
   stage halves it), at the run's batch per core (capped so one iteration stays short) -- in bf16
-  autocast and in fp32, both channels_last as training runs, interleaved round by round under a
-  hard time budget (:data:`BUDGET_SECONDS`). :func:`decide` keeps fp32 unless bf16 is at least
+  autocast and in fp32, both channels_last as training runs, after untimed warm-ups, interleaved round
+  by round: :data:`MIN_ROUNDS` always, more under a time budget (:data:`BUDGET_SECONDS`). :func:`decide` keeps fp32 unless bf16 is at least
   :data:`MIN_BF16_SPEEDUP` times faster: within the probe's noise fp32 is the exact choice.
 * The decision is cached per host kind (CPU model, its bf16 flags, thread count), torch version and
   shape in ``$XDG_CACHE_HOME/simclrv2/precision_probe.json`` (default ``~/.cache``), written
@@ -47,14 +47,20 @@ __all__ = ["ProbeShape", "PrecisionChoice", "parse_cpu_flags", "cpu_flags", "cpu
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: bf16 must be this much faster than fp32 in the probe to be chosen (fp32 wins ties: it is exact).
 MIN_BF16_SPEEDUP = 1.10
-#: wall-clock budget of the timed rounds (a round starts only if it fits; the warm-up is always run).
+#: wall-clock budget of the timed rounds beyond :data:`MIN_ROUNDS` (a further round starts only if it fits).
 BUDGET_SECONDS = 1.0
 #: forward+backward FLOPs of one probe iteration per thread (keeps an fp32 iteration near 0.1 s).
 FLOP_CAP_PER_THREAD = 4e9
 MAX_ROUNDS = 5
+#: timed rounds that always run, whatever the budget: one round in a cold process once picked fp32 on
+#: a host where bf16 runs the real step 1.7x faster (probe 1.06x; warm, the same probe reads 1.65-1.9x)
+MIN_ROUNDS = 3
+#: untimed iterations per precision first (oneDNN builds its kernels; the process's first autograd
+#: pass starts its threads), so that the timed rounds see the steady state training runs in
+WARMUP_ITERATIONS = 2
 #: why nothing is measured on CPUs such as AVX2-only ones
 NOT_NATIVE = "no avx512_bf16 or amx_bf16 flag, bf16 would be emulated: not measured"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decisions of the one-round probe (version 1) are measured again
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -148,10 +154,10 @@ def _probe_stack(width: float) -> nn.Sequential:
 
 def measure_rates(shape: ProbeShape, budget_s: float = BUDGET_SECONDS) -> tuple[dict[str, float], float]:
     """Images/s of the probe stack in bf16 autocast and in fp32 (both channels_last), and the seconds
-    the probe took. One warm-up iteration each (oneDNN builds its kernels), then rounds of one timed
-    iteration per precision, alternating, while another round still fits in ``budget_s`` (at most
-    :data:`MAX_ROUNDS`); each rate is the fastest iteration (background load only adds time), so when
-    not even one round fits, the warm-ups are the measurement. The global RNG is left untouched."""
+    the probe took. :data:`WARMUP_ITERATIONS` untimed iterations each (oneDNN builds its kernels), then
+    rounds of one timed iteration per precision, alternating: :data:`MIN_ROUNDS` always, more while
+    another still fits in ``budget_s`` (at most :data:`MAX_ROUNDS`); each rate is the fastest timed
+    iteration (background load only adds time). The global RNG is left untouched."""
     started = time.perf_counter()
     batch = shape.probe_batch
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -169,9 +175,14 @@ def measure_rates(shape: ProbeShape, budget_s: float = BUDGET_SECONDS) -> tuple[
                 param.grad = None
             return time.perf_counter() - begin
 
-        best = {precision: iteration(precision) for precision in ("bf16", "fp32")}  # warm-up
-        for _ in range(MAX_ROUNDS):
-            if time.perf_counter() - started + sum(best.values()) > budget_s:  # no time for another round
+        for _ in range(WARMUP_ITERATIONS):
+            for precision in ("bf16", "fp32"):
+                iteration(precision)
+        timed_from = time.perf_counter()
+        best = {precision: float("inf") for precision in ("bf16", "fp32")}
+        for done in range(MAX_ROUNDS):
+            round_s = sum(best.values())  # the fastest iteration of each, a round's likely cost
+            if done >= MIN_ROUNDS and time.perf_counter() - timed_from + round_s > budget_s:
                 break
             for precision in best:
                 best[precision] = min(best[precision], iteration(precision))
