@@ -88,7 +88,15 @@ def test_a_small_fp32_conv_takes_the_shifted_path_and_matches_onednn(monkeypatch
     assert y_fast.dtype == gw_fast.dtype == torch.float32
     torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=0)           # the same oneDNN forward
     torch.testing.assert_close(gx_fast, gx_ref, rtol=0, atol=0)         # the same oneDNN input gradient
-    torch.testing.assert_close(gw_fast, gw_ref, rtol=1e-5, atol=1e-5)   # fp32 rounding, another order
+    # fp32 rounding in another summation order: against the exact (float64) gradient, the shifted sum
+    # is as accurate as oneDNN's (a fixed 1e-5 tolerance between the two failed on an AVX-512 host at
+    # one element of 13,824, |diff| 1.5e-5 on sums of 256 products of size ~1)
+    gw_exact = torch.nn.grad.conv2d_weight(x.double(), conv.weight.shape, grad_out.double(), stride=1,
+                                           padding=1)
+    err_fast = (gw_fast.double() - gw_exact).abs().max().item()
+    err_ref = (gw_ref.double() - gw_exact).abs().max().item()
+    assert err_fast <= 4 * err_ref + 1e-6, (err_fast, err_ref)
+    torch.testing.assert_close(gw_fast, gw_ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["fp64", "large output", "no grad", "1x1 kernel"])
