@@ -14,8 +14,9 @@ rate, so for some layer shapes fp32 wins. A static rule cannot know, so auto mea
   feature-map sizes (the CIFAR stem keeps the image side, the ImageNet stem divides it by 4, each
   stage halves it), at the run's batch per core (capped so one iteration stays short) -- in bf16
   autocast and in fp32, both channels_last as training runs, after untimed warm-ups, interleaved round
-  by round: :data:`MIN_ROUNDS` always, more under a time budget (:data:`BUDGET_SECONDS`). :func:`decide` keeps fp32 unless bf16 is at least
-  :data:`MIN_BF16_SPEEDUP` times faster: within the probe's noise fp32 is the exact choice.
+  by round: :data:`MIN_ROUNDS` always, more under a time budget (:data:`BUDGET_SECONDS`).
+  :func:`decide` keeps fp32 unless bf16 is at least :data:`MIN_BF16_SPEEDUP` times faster: within the
+  probe's noise fp32 is the exact choice.
 * The decision is cached per host kind (CPU model, its bf16 flags, thread count), torch version and
   shape in ``$XDG_CACHE_HOME/simclrv2/precision_probe.json`` (default ``~/.cache``), written
   atomically; a damaged cache file is ignored and rewritten, so later runs skip the probe.
@@ -52,8 +53,9 @@ BUDGET_SECONDS = 1.0
 #: forward+backward FLOPs of one probe iteration per thread (keeps an fp32 iteration near 0.1 s).
 FLOP_CAP_PER_THREAD = 4e9
 MAX_ROUNDS = 5
-#: timed rounds that always run, whatever the budget: one round in a cold process once picked fp32 on
-#: a host where bf16 runs the real step 1.7x faster (probe 1.06x; warm, the same probe reads 1.65-1.9x)
+#: timed rounds that always run, whatever the budget: in a cold process the warm-ups alone once read
+#: bf16/fp32 as 1.06x on a 2-core AVX512-BF16 AMD EPYC (warm, the same probe read 1.58-1.90x) and picked
+#: fp32, where ``benchmarks/throughput.py --quick`` then timed our step at 29.5 img/s against 42.1 in bf16
 MIN_ROUNDS = 3
 #: untimed iterations per precision first (oneDNN builds its kernels; the process's first autograd
 #: pass starts its threads), so that the timed rounds see the steady state training runs in
@@ -181,8 +183,8 @@ def measure_rates(shape: ProbeShape, budget_s: float = BUDGET_SECONDS) -> tuple[
         timed_from = time.perf_counter()
         best = {precision: float("inf") for precision in ("bf16", "fp32")}
         for done in range(MAX_ROUNDS):
-            round_s = sum(best.values())  # the fastest iteration of each, a round's likely cost
-            if done >= MIN_ROUNDS and time.perf_counter() - timed_from + round_s > budget_s:
+            # a further round's likely cost is the fastest iteration of each precision so far
+            if done >= MIN_ROUNDS and time.perf_counter() - timed_from + sum(best.values()) > budget_s:
                 break
             for precision in best:
                 best[precision] = min(best[precision], iteration(precision))
