@@ -2,7 +2,8 @@
 results never kept (changed settings, --force, --no-resume), options honoured or refused, and a
 report (markdown + HTML) that states each claim.
 
-Digits with ``--max-per-class 4`` (40 training images) at 16 px, r18_1x_sk0, fp32, one epoch per
+Digits with ``--max-per-class 4`` (40 training images) at 16 px, r18_0.25x_sk0 (a quarter-width
+ResNet-18: what is tested is the pipeline's bookkeeping, not accuracy), fp32, one epoch per
 stage, one intra-op thread (the machine's cores are shared)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from simclrv2.errors import ConfigError
 from simclrv2.training.pipeline import decide, plan_pipeline, read_stage_record, settings_record, _stage_config
 from simclrv2.training.rundir import read_metrics
 
-BASE = ["pipeline", "--data", "digits", "--image-size", "16", "--max-per-class", "4", "--no-progress", "--device",
+BASE = ["pipeline", "--data", "digits", "--arch", "r18_0.25x_sk0", "--image-size", "16", "--max-per-class", "4", "--no-progress", "--device",
         "cpu", "--precision", "fp32", "--label-fractions", "0.1", "--pretrain-epochs", "1", "--finetune-epochs", "2",
         "--distill-epochs", "1", "--supervised-epochs", "1", "--seeds", "2", "--eval-every", "1"]
 
@@ -86,7 +87,7 @@ def test_report_states_claims_with_spread_and_embeds_plots(piped):
     assert "Pretraining + fine-tuning" in report and "(2 seeds)" in report
     assert "Self-distillation" in report
     assert "chance is 10.0% top-1" in report and "297 test images" in report
-    assert "fine-tuned from head layer 0 (r18_1x_sk0, classifier from a linear probe)" in report  # settings
+    assert "fine-tuned from head layer 0 (r18_0.25x_sk0, classifier from a linear probe)" in report  # settings
     assert "## Time and hardware" in report and "logical CPUs" in report
     for png in ("accuracy_vs_label_fraction.png", "training_curves.png", "knn_monitor.png",
                 "confusion_matrix.png"):
@@ -133,7 +134,7 @@ def test_changing_arch_reruns_pretraining_and_what_starts_from_it(piped):
     plan = plan_pipeline(pipe, out)[0]
     cfg = _stage_config(pipe, plan.command, plan.section, plan.overrides)
     action, why = decide(plan, settings_record(cfg, "pretrain", out), {}, forced=False)
-    assert action == "fresh" and "arch 'r18_1x_sk0' -> 'r18_1x_sk1'" in why
+    assert action == "fresh" and "arch 'r18_0.25x_sk0' -> 'r18_1x_sk1'" in why
     ft = plan_pipeline(pipe, out)[1]   # a re-run pretraining gets a new token: its finetune runs again
     ft_cfg = _stage_config(pipe, ft.command, ft.section, ft.overrides)
     action, why = decide(ft, settings_record(ft_cfg, "finetune", out), {"pretrain": "new-token"}, forced=False)
