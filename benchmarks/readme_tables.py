@@ -153,7 +153,8 @@ def throughput_section(path: Path) -> str:
                 f"{c['warmup']} warm-up + {c['steps']} timed rounds")
     lines = [f"**`{env.get('host_kind') or path.stem.removeprefix('throughput-').removesuffix('-quick')}`** "
              f"(`{path.name}`): {_host_text(host, env, c.get('threads'))}; torch {env.get('torch')}; our step in "
-             f"{c['precision']}{', channels_last' if c.get('channels_last') else ''}; {_run_text(r, settings)}; "
+             f"{c['precision']}{', channels_last' if c.get('channels_last') else ''}"
+             f"{', malloc: ' + c['allocator'] if c.get('allocator') else ''}; {_run_text(r, settings)}; "
              f"{_load_text(r, env.get('cpu_count'))}.", "",
              "| figure | value | target |", "|---|---|---|"]
 
@@ -178,12 +179,19 @@ def throughput_section(path: Path) -> str:
             f"{native_wgrad['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)")
     for name, why in (r.get("left_out") or {}).items():  # variants the run could not fit or had no use for
         row(f"`{name}`", f"not timed: {why}")
-    glibc = p.get("ours_glibc_malloc")
-    if glibc:
-        row("our step with glibc's default malloc (`SIMCLRV2_MALLOC_TUNING=0`)",
-            f"{glibc['images_per_s']:.1f} img/s: keeping freed blocks makes our step "
-            f"{glibc['ours_speedup_from_malloc_setting']:.2f}x faster (paired median "
-            f"{glibc['ours_speedup_from_malloc_setting_paired_median']:.2f}x)")
+    ours_malloc = c.get("allocator") or "glibc, freed blocks kept"
+    for key, variant, label in (
+            ("ours_glibc_kept_malloc", "ours_glibc_kept",
+             "our step with glibc keeping freed blocks, no tcmalloc (`SIMCLRV2_ALLOCATOR=glibc`)"),
+            ("ours_glibc_malloc", "ours_glibc", "our step with glibc's default malloc (`SIMCLRV2_MALLOC_TUNING=0`)")):
+        glibc = p.get(key)
+        if glibc:
+            grown = (r.get("memory") or {}).get(variant, {}).get("growth_mb")
+            row(label, f"{glibc['images_per_s']:.1f} img/s"
+                + (f", peak memory growth {grown:.0f} MB" if grown is not None else "")
+                + f": our malloc setting ({ours_malloc}) makes our step "
+                f"{glibc['ours_speedup_from_malloc_setting']:.2f}x faster (paired median "
+                f"{glibc['ours_speedup_from_malloc_setting_paired_median']:.2f}x)")
     if p.get("lightly"):
         row("lightly as its examples run (fp32, NCHW)", f"{p['lightly']['images_per_s']:.1f} img/s")
     best_peer = p.get("lightly_best")

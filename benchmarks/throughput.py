@@ -115,6 +115,8 @@ from simclrv2.training.pretrain import PretrainStep  # noqa: E402
 from simclrv2.training.runtime import (available_memory, choose_precision, cpp_compiler, probe_shape,  # noqa: E402
                                        setup_runtime)
 from simclrv2.training.trainer import build_optimizer, plan_steps  # noqa: E402
+from simclrv2.utils.allocator import ENV_VAR as ALLOCATOR_ENV  # noqa: E402
+from simclrv2.utils.allocator import allocator_in_use, preload_env  # noqa: E402
 from simclrv2.utils.ema import ModelEMA  # noqa: E402
 
 ARCH = "r18_1x_sk0"
@@ -284,7 +286,8 @@ def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
     else:
         runner = Ours(batch, views, memory_size=QUEUE_SIZE if variant == "ours_memory" else 0,
                       compiled=variant == "ours_compiled")
-    reply({"ready": True, "threads": torch.get_num_threads()})
+    allocator = runner.rt.allocator if isinstance(runner, Ours) else allocator_in_use()
+    reply({"ready": True, "threads": torch.get_num_threads(), "allocator": allocator})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
@@ -310,10 +313,13 @@ def worker_main(variant: str, batch: int, peer_best: str = "bf16") -> None:
            "growth_mb": (peak_kib - base_kib) / 1024, "method": method})
 
 
-#: Ablation workers: our step with the environment variable that undoes one of our settings.
+#: Ablation workers: our step with the environment variables that undo one of our settings.
 ABLATIONS = {
-    "ours_glibc": ("SIMCLRV2_MALLOC_TUNING", "0"),  # glibc's default malloc policy
-    "ours_native_wgrad": (CONV_WEIGHT_GRAD_ENV, "native"),  # oneDNN's weight gradient for every conv
+    # glibc's default malloc policy: no tcmalloc, freed blocks not kept
+    "ours_glibc": {ALLOCATOR_ENV: "glibc", "SIMCLRV2_MALLOC_TUNING": "0"},
+    # glibc keeping freed blocks (runtime.keep_freed_cpu_memory): what runs where tcmalloc is not installed
+    "ours_glibc_kept": {ALLOCATOR_ENV: "glibc"},
+    "ours_native_wgrad": {CONV_WEIGHT_GRAD_ENV: "native"},  # oneDNN's weight gradient for every conv
 }
 
 
@@ -325,10 +331,10 @@ class Worker:
     """Parent-side handle of a worker process."""
 
     def __init__(self, variant: str, batch: int, threads: int | None, peer_best: str = "bf16") -> None:
-        env = dict(os.environ)
-        if variant in ABLATIONS:  # our step with one of our settings undone through its variable
-            name, value = ABLATIONS[variant]
-            env[name] = value
+        env = {**os.environ, **ABLATIONS.get(variant, {})}  # an ablation: one of our settings undone
+        if not variant.startswith("lightly"):
+            # our workers start as the ``simclrv2`` command does: under tcmalloc where it is installed
+            env = preload_env(env) or env
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours" if variant in ABLATIONS else variant,
                "--batch-size", str(batch), "--peer-best", peer_best]
         if threads:
@@ -780,7 +786,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(f"precision auto: {probe.describe()}")
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
-        variants.insert(1, "ours_glibc")
+        variants[1:1] = ["ours_glibc_kept", "ours_glibc"]
     if args.ablate_conv_grad:
         variants.insert(1, "ours_native_wgrad")
     compiled = args.compiled if args.compiled is not None else cpp_compiler() is not None
@@ -932,6 +938,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "arch": ARCH, "image_size": IMAGE_SIZE, "batch_size": batch, "views_per_step": 2 * batch,
         "steps": args.steps, "warmup": args.warmup, "quick": args.quick, "threads": threads,
         "precision": augment.rt.precision, "channels_last": augment.rt.channels_last,
+        "allocator": workers["ours"].info.get("allocator"),
+        "allocators": {name: w.info.get("allocator") for name, w in workers.items()},
         "optimizer": cfg.optimizer, "temperature": cfg.temperature, "queue_size": QUEUE_SIZE,
         "ema_decay": cfg.ema_decay, "statistic": "min over timed rounds",
         "peer_best": f"lightly {peer_best} {'autocast ' if peer_best == 'bf16' else ''}+ channels_last",
@@ -981,11 +989,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                                 times["ours"]),
             "note": f"{CONV_WEIGHT_GRAD_ENV}=native: oneDNN's weight gradient for every convolution "
                     "(see simclrv2.models.conv_weight_grad)"}
-    if "ours_glibc" in workers:
-        results["pretrain"]["ours_glibc_malloc"] = {
-            **stats(times["ours_glibc"]), "images_per_s": batch / best["ours_glibc"],
-            "ours_speedup_from_malloc_setting": best["ours_glibc"] / best["ours"],
-            "ours_speedup_from_malloc_setting_paired_median": paired_ratio(times["ours_glibc"], times["ours"])}
+    for variant, key in (("ours_glibc", "ours_glibc_malloc"), ("ours_glibc_kept", "ours_glibc_kept_malloc")):
+        if variant in workers:
+            results["pretrain"][key] = {
+                **stats(times[variant]), "images_per_s": batch / best[variant],
+                "allocator": workers[variant].info.get("allocator"),
+                "ours_speedup_from_malloc_setting": best[variant] / best["ours"],
+                "ours_speedup_from_malloc_setting_paired_median": paired_ratio(times[variant], times["ours"])}
     results["kernel_probes"] = {"probes": probes, "best_per_precision": best_kernel,
                                 "bf16_emulated_probe": emulated_bf16,
                                 "conv_shapes": [dict(zip(("name", "batch", "channels", "side"), c))
@@ -1054,7 +1064,7 @@ def render_table(r: dict[str, Any]) -> str:
                 f"{_fmt(gflops, '.0f', ''):>9s}")
 
     o, lt, lb = p["ours"], p["lightly"], p["lightly_best"]
-    lines.append(row(f"ours ({c['precision']}, channels_last, {c['optimizer']}, 1 fwd of 2N)", o,
+    lines.append(row(f"ours ({c['precision']}, channels_last, {c['optimizer']}, {c.get('allocator') or 'glibc'})", o,
                      o["gflop_per_step"], o["achieved_gflops"]))
     if "ours_native_weight_grad" in p:
         q = p["ours_native_weight_grad"]
@@ -1062,9 +1072,10 @@ def render_table(r: dict[str, Any]) -> str:
                          f"{q['ours_speedup_from_shifted_weight_grad']:.2f}x, paired median "
                          f"{q['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)", q,
                          o["gflop_per_step"], o["gflop_per_step"] / q["min"]))
-    if "ours_glibc_malloc" in p:
-        lines.append(row("ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)", p["ours_glibc_malloc"],
-                         o["gflop_per_step"], o["gflop_per_step"] / p["ours_glibc_malloc"]["min"]))
+    for key, label in (("ours_glibc_kept_malloc", "ours with glibc keeping freed blocks (no tcmalloc)"),
+                       ("ours_glibc_malloc", "ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)")):
+        if key in p:
+            lines.append(row(label, p[key], o["gflop_per_step"], o["gflop_per_step"] / p[key]["min"]))
     if "ours_compiled" in p:
         oc = p["ours_compiled"]
         lines.append(row(f"ours under torch.compile ({oc['speedup_vs_eager']:.2f}x eager; paired median "

@@ -177,8 +177,30 @@ def _runner(stage: str) -> Callable[[Config], Any]:
     raise NotImplementedError(stage)
 
 
+#: Subcommands that run a network: started under tcmalloc where it is installed (``utils/allocator.py``).
+MODEL_COMMANDS = frozenset(DESCRIPTIONS) | {"predict", "embed", "export"}
+
+
+def _restart_under_tcmalloc(argv: Sequence[str] | None) -> int | None:
+    """As a command (``argv`` None) that runs a network, restart once under tcmalloc when it is installed
+    (:mod:`simclrv2.utils.allocator`); an exit code for a bad ``SIMCLRV2_ALLOCATOR`` / ``SIMCLRV2_TCMALLOC``,
+    else None. Called before torch is imported, so the restart costs one interpreter start."""
+    command = next((word for word in sys.argv[1:] if not word.startswith("-")), None)
+    if argv is not None or command not in MODEL_COMMANDS:
+        return None
+    from simclrv2.utils.allocator import restart_under_tcmalloc
+    try:
+        restart_under_tcmalloc()  # returns only when nothing is to change
+    except ConfigError as exc:
+        print(f"simclrv2 {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``simclrv2`` command; returns its exit code (``simclrv2.errors``)."""
+    if (code := _restart_under_tcmalloc(argv)) is not None:
+        return code
     try:
         return _main(argv)
     except BrokenPipeError:

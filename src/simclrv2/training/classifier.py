@@ -151,7 +151,7 @@ def train_and_evaluate(stage: str, cfg: Config, rt: Runtime, run: RunDirectory, 
                                "image_size": data.image_size, "labeled_set": data.labeled_record(),
                                "recipe": cfg.recipe, "batch_size": plan.global_batch, "epochs": cfg.epochs,
                                "peak_lr": plan.peak_lr, "recipe_notes": list(schedule.notes),
-                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled,
+                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled, "allocator": rt.allocator,
                                "final": final, **(extra_results or {})}
     if warnings:
         results["warnings"] = list(warnings)

@@ -294,7 +294,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     results: dict[str, Any] = {"stage": "pretrain", "arch": cfg.arch, "steps": trainer.step,
                                "image_size": data.image_size, "train_images": len(data.train),
                                "labeled_set": data.labeled_record(), "final": metrics,
-                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled}
+                               "precision": rt.precision, "device": rt.device.type, "compiled": trainer.compiled, "allocator": rt.allocator}
     if data.test is not None:
         knn = trainer.monitor_knn(trainer.step)
         if knn is not None:

@@ -31,6 +31,7 @@ from simclrv2.errors import ConfigError, Terminated
 from simclrv2.models.conv_weight_grad import shifted_enabled_by_env
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils import precision_probe
+from simclrv2.utils.allocator import allocator_choice, allocator_in_use
 
 
 @lru_cache(maxsize=1)
@@ -53,8 +54,10 @@ def keep_freed_cpu_memory() -> bool:
     tensors): 12-25% of a bf16 ResNet-18 pretraining step on a 2-core AVX-512-BF16 CPU
     (``benchmarks/throughput.py --ablate-malloc``). ``M_MMAP_MAX=0`` + a large ``M_TRIM_THRESHOLD``
     make freed blocks reusable. Results are bit-identical; the cost is memory: the process keeps
-    its high-water mark, and that mark is ~30-50% higher than with glibc's default because the
-    heap fragments (still below an fp32 run's).
+    its high-water mark, and that mark is ~30-70% higher than with glibc's default because the
+    heap fragments (fp32 step at batch 256 on an ``intel-avx512`` host: 4.3-4.9 GB against 2.9 GB).
+    This is the fallback: the ``simclrv2`` command runs under tcmalloc where it is installed
+    (:mod:`simclrv2.utils.allocator`), which is as fast without the fragmentation.
 
     Returns True when applied. A no-op (False) off Linux/glibc, when ``SIMCLRV2_MALLOC_TUNING=0``,
     or when the user set a glibc ``MALLOC_*_`` variable or ``LD_PRELOAD`` (e.g. jemalloc/tcmalloc).
@@ -83,6 +86,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: CPU memory allocator of this process (``utils/allocator.py``): ``tcmalloc``, ``glibc, freed blocks
+    #: kept`` (:func:`keep_freed_cpu_memory`), ``glibc`` ...; recorded in each stage's results.
+    allocator: str = "glibc"
 
     @property
     def is_main(self) -> bool:
@@ -243,6 +249,7 @@ def seed_everything(seed: int) -> None:
 def setup_runtime(cfg: Config) -> Runtime:
     """Initialise processes (torchrun env), the device and precision, and seeds."""
     shifted_enabled_by_env()  # a bad SIMCLRV2_CONV_WEIGHT_GRAD is an error before any work
+    allocator_choice()  # and so is a bad SIMCLRV2_ALLOCATOR (the command restarts under tcmalloc earlier)
     rank, world_size, local_rank = dist_utils.setup_distributed(timeout=getattr(cfg, "dist_timeout", None))
     device = resolve_device(cfg.device, local_rank)
     # rank 0 measures (when auto has a real choice on this CPU) and every rank uses its answer
@@ -256,11 +263,12 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        keep_freed_cpu_memory()
+    allocator = allocator_in_use()
+    if device.type != "cuda" and keep_freed_cpu_memory():
+        allocator = "glibc, freed blocks kept"
     seed_everything(cfg.seed + rank)
     return Runtime(device=device, precision=precision, channels_last=cfg.channels_last, rank=rank,
-                   world_size=world_size, local_rank=local_rank)
+                   world_size=world_size, local_rank=local_rank, allocator=allocator)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -421,4 +421,5 @@ def describe_plan(stage: str, plan: StepPlan, num_examples: int, rt: Runtime) ->
     return (f"{stage}: {num_examples} images, global batch {plan.global_batch}, {plan.run_steps} steps "
             f"(schedule {plan.schedule_steps}, warmup {plan.warmup_steps}, {plan.steps_per_epoch}/epoch), "
             f"peak lr {plan.peak_lr:.4g}, {rt.device.type} {rt.precision}"
+            + (f", malloc: {rt.allocator}" if rt.device.type == "cpu" else "")
             + (f", {rt.world_size} processes" if rt.distributed else ""))
