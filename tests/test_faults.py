@@ -291,9 +291,18 @@ def test_a_worker_killed_while_the_loader_starts_leaves_no_traceback_once_releas
 _ABANDONED_TRANSFER = r'''
 import os, socket, sys, time
 from multiprocessing import resource_sharer
+import torch
+from simclrv2.data.loader import BatchIterator
+from simclrv2.data.sources import TensorImageSource
 from simclrv2.data.loader import quiet_abandoned_transfers
 if sys.argv[1] == "quiet":
     quiet_abandoned_transfers(0)               # what each of our DataLoader workers runs first
+elif sys.argv[1] == "main":                    # the main process, once it has built a DataLoader of ours
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    loader = BatchIterator(TensorImageSource(images, [0] * 4, ["a"]), 2, shuffle=False,
+                           drop_last=True, num_workers=1)
+    loader._uses_workers = lambda: True        # a folder source would start the same DataLoader
+    next(iter(loader))
 read_end, _ = os.pipe()
 resource_sharer.DupFd(read_end)                # what handing a shared-memory batch to the main process does
 receiver = socket.socket(socket.AF_UNIX)
@@ -306,16 +315,17 @@ print("still serving", flush=True)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("quiet", [False, True])
-def test_a_receiver_hanging_up_on_a_worker_leaves_no_traceback_with_our_worker_init(quiet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["keep", "quiet", "main"])
+def test_a_receiver_hanging_up_on_a_worker_leaves_no_traceback_with_our_worker_init(mode, tmp_path: Path) -> None:
     """The other half of the SIGKILL test's stray output (2 of 10 runs): the surviving worker's
     resource_sharer thread printed an EOFError traceback when the stopping main process hung up while
-    collecting a batch. A real socket does that here; the control shows the traceback, our
-    ``worker_init_fn`` drops it."""
-    result = subprocess.run([sys.executable, "-c", _ABANDONED_TRANSFER, "quiet" if quiet else "keep"], env=_env(),
+    collecting a batch. A real socket does that here; the control (keep) shows the traceback, our
+    ``worker_init_fn`` drops it (quiet). The main process hands index batches to its workers the same
+    way (a killed worker hung up on it once in CI): once it has built our DataLoader it drops it too (main)."""
+    result = subprocess.run([sys.executable, "-c", _ABANDONED_TRANSFER, mode], env=_env(),
                             capture_output=True, text=True, timeout=50)
     assert result.returncode == 0 and "still serving" in result.stdout, result.stderr[-3000:]
-    if quiet:
+    if mode != "keep":
         assert "Traceback" not in result.stderr, result.stderr
     else:
         assert "EOFError" in result.stderr and "resource_sharer" in result.stderr, result.stderr

@@ -106,6 +106,7 @@ def cache_in_memory(
     chunks = list(torch.arange(n).split(batch_size))
     dataset = _Chunks(source, strict)
     if num_workers > 0:
+        quiet_abandoned_transfers()  # this (main) process hands index chunks to the workers
         results = DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=num_workers, collate_fn=_identity,
                              worker_init_fn=quiet_abandoned_transfers)
     else:

@@ -194,6 +194,7 @@ class BatchIterator:
     def __iter__(self) -> Iterator[Batch]:
         if self._uses_workers():
             if self._loader is None:
+                quiet_abandoned_transfers()  # this (main) process hands index batches to the workers
                 self._loader = DataLoader(
                     _BatchDataset(self.source),
                     batch_size=None,
@@ -278,20 +279,28 @@ def _is_abandoned_transfer(exc_type: type, exc_value: BaseException, tb) -> bool
                for frame, _ in traceback.walk_tb(tb))
 
 
-def quiet_abandoned_transfers(worker_id: int) -> None:
-    """``worker_init_fn`` of our DataLoaders: a decoding worker stays silent when the main process abandons a batch.
+def quiet_abandoned_transfers(worker_id: int | None = None) -> None:
+    """Drop the traceback of a shared-memory handover abandoned by its receiver, in this process.
 
-    A worker hands each decoded batch over as shared memory whose file descriptor the main process
-    collects through the worker's ``multiprocessing.resource_sharer`` thread. When the main process
-    stops while collecting one (another worker was killed, so DataLoader's SIGCHLD handler raised in
-    the middle of the handshake), that thread gets EOFError and prints a traceback under the
-    command's one-line message (seen in 2 of 10 runs of the SIGKILL test in tests/test_faults.py).
-    The thread reports through ``sys.excepthook``; this wraps it in the worker to drop exactly that
-    case and pass every other error on."""
+    Tensors cross between the main process and the decoding workers as shared memory whose file
+    descriptor the receiver collects through the sender's ``multiprocessing.resource_sharer``
+    thread. Batches go from a worker to the main process; index batches (tensors) from the main
+    process to a worker. When the receiver goes away in the middle of that handshake (the main
+    process stopping because another worker was killed; a worker killed while it collects its
+    indices), the sender's thread gets EOFError or ConnectionResetError and prints a traceback under
+    the command's one-line message (2 of 10 runs of the SIGKILL test in tests/test_faults.py on the
+    worker side; once in a CI run on the main side). The thread reports through ``sys.excepthook``;
+    this wraps it to drop exactly that case and pass every other error on.
+
+    The ``worker_init_fn`` of our DataLoaders (``worker_id`` given), and called in the main process
+    when it builds one (``worker_id`` None). Installs the wrapper once per process."""
     previous = sys.excepthook
+    if getattr(previous, "_drops_abandoned_transfers", False):
+        return
 
     def hook(exc_type, exc_value, tb) -> None:
         if not _is_abandoned_transfer(exc_type, exc_value, tb):
             previous(exc_type, exc_value, tb)
 
+    hook._drops_abandoned_transfers = True  # type: ignore[attr-defined]
     sys.excepthook = hook
