@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,17 @@ def child_pids(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def console_script() -> str:
+    """The installed ``simclrv2`` command (on PATH or beside this Python); skips the test when it is missing."""
+    exe = shutil.which("simclrv2")
+    if exe is None:
+        candidate = Path(sys.executable).with_name("simclrv2")
+        if not candidate.is_file():
+            pytest.skip("the simclrv2 console script is not installed")
+        exe = str(candidate)
+    return exe
 
 
 @pytest.fixture

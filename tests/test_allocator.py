@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import console_script
 from simclrv2.errors import ConfigError
 from simclrv2.utils.allocator import ENV_VAR, PATH_VAR, allocator_choice, find_tcmalloc, preload_env
 
@@ -25,6 +26,11 @@ def _tcmalloc_or_skip() -> str:
     if library is None:
         pytest.skip("tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
     return library
+
+
+def _env_without_allocator_settings() -> dict[str, str]:
+    """This process's environment less any allocator choice, so each test sets only its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV_VAR, PATH_VAR)}
 
 
 def _a_loaded_library_file() -> str:
@@ -90,8 +96,7 @@ print("went on", flush=True)
 @linux_only
 def test_the_process_restarts_once_in_place_with_the_library_preloaded():
     library = _a_loaded_library_file()
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV_VAR)}
-    env[PATH_VAR] = library
+    env = {**_env_without_allocator_settings(), PATH_VAR: library}
     proc = subprocess.run([sys.executable, "-c", _RESTARTING_SCRIPT, "a b", "--c"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -107,7 +112,7 @@ def test_the_process_restarts_once_in_place_with_the_library_preloaded():
 @linux_only
 def test_under_tcmalloc_the_restarted_process_uses_it():
     _tcmalloc_or_skip()
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV_VAR, PATH_VAR)}
+    env = _env_without_allocator_settings()
     proc = subprocess.run([sys.executable, "-c", _RESTARTING_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -116,23 +121,16 @@ def test_under_tcmalloc_the_restarted_process_uses_it():
     assert "large alloc" not in proc.stderr
 
 
-def _console_script() -> str:
-    exe = Path(sys.executable).with_name("simclrv2")
-    if not exe.is_file():
-        pytest.skip("the simclrv2 console script is not installed")
-    return str(exe)
-
-
 @linux_only
 @pytest.mark.parametrize("setting", ["bogus", "tcmalloc-missing"])
 def test_a_bad_allocator_setting_stops_the_command_with_exit_2_before_any_work(setting, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV_VAR, PATH_VAR)}
+    env = _env_without_allocator_settings()
     if setting == "bogus":
         env[ENV_VAR] = "bogus"
     else:
         env[PATH_VAR] = str(tmp_path / "nowhere" / "libtcmalloc.so")
     out = tmp_path / "run"
-    proc = subprocess.run([_console_script(), "pretrain", "--data", "digits", "--out", str(out)],
+    proc = subprocess.run([console_script(), "pretrain", "--data", "digits", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and (ENV_VAR if setting == "bogus" else PATH_VAR) in proc.stderr
@@ -145,10 +143,10 @@ def test_a_command_records_the_allocator_it_ran_with(tmp_path):
     """A real ``simclrv2 pretrain`` (2 steps): tcmalloc where installed, else glibc keeping freed blocks;
     ``SIMCLRV2_ALLOCATOR=glibc`` keeps glibc either way."""
     expected = "tcmalloc" if find_tcmalloc({}) is not None else "glibc, freed blocks kept"
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ENV_VAR, PATH_VAR)}
+    base = _env_without_allocator_settings()
     for env, want in ((base, expected), ({**base, ENV_VAR: "glibc"}, "glibc, freed blocks kept")):
         out = tmp_path / want.replace(",", "").replace(" ", "_")
-        proc = subprocess.run([_console_script(), "pretrain", "--data", "digits", "--max-per-class", "8",
+        proc = subprocess.run([console_script(), "pretrain", "--data", "digits", "--max-per-class", "8",
                                "--image-size", "16", "--batch-size", "16", "--max-steps", "2", "--knn-every", "0",
                                "--no-progress", "--out", str(out)], capture_output=True, text=True, env=env,
                               timeout=600)

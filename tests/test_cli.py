@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import console_script
 from simclrv2.cli.main import main
 from simclrv2.config import fields_for_stage
 
@@ -133,18 +131,8 @@ def test_malformed_flag_values_exit_2(capsys):
     assert "--no-such-flag: unknown option" in capsys.readouterr().err
 
 
-def _console_script() -> str:
-    exe = shutil.which("simclrv2")
-    if exe is None:
-        candidate = Path(sys.executable).with_name("simclrv2")
-        if not candidate.is_file():
-            pytest.skip("the simclrv2 console script is not installed")
-        exe = str(candidate)
-    return exe
-
-
 def test_console_script_models_json():
-    proc = subprocess.run([_console_script(), "models", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([console_script(), "models", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert {row["name"]: round(row["params"] / 1e6) for row in rows[:13]} == TABLE1
@@ -152,7 +140,7 @@ def test_console_script_models_json():
 
 def test_console_script_invalid_setting_exit_code(tmp_path):
     out_dir = tmp_path / "run"
-    proc = subprocess.run([_console_script(), "pretrain", "--temperature", "0", "--out", str(out_dir)],
+    proc = subprocess.run([console_script(), "pretrain", "--temperature", "0", "--out", str(out_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "temperature" in proc.stderr
@@ -163,7 +151,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_141():
     """``simclrv2 models | head -0``: a real pipe whose reading end is closed before the command writes."""
     from simclrv2.errors import EXIT_BROKEN_PIPE
 
-    proc = subprocess.Popen([_console_script(), "models", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([console_script(), "models", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     proc.stdout.close()
     err = proc.stderr.read()

@@ -292,9 +292,8 @@ _ABANDONED_TRANSFER = r'''
 import os, socket, sys, time
 from multiprocessing import resource_sharer
 import torch
-from simclrv2.data.loader import BatchIterator
+from simclrv2.data.loader import BatchIterator, quiet_abandoned_transfers
 from simclrv2.data.sources import TensorImageSource
-from simclrv2.data.loader import quiet_abandoned_transfers
 if sys.argv[1] == "quiet":
     quiet_abandoned_transfers(0)               # what each of our DataLoader workers runs first
 elif sys.argv[1] == "main":                    # the main process, once it has built a DataLoader of ours
