@@ -171,9 +171,16 @@ def throughput_section(path: Path) -> str:
             f"{compiled['images_per_s']:.1f} img/s: {compiled['speedup_vs_eager']:.2f}x eager (paired median "
             f"{compiled['speedup_vs_eager_paired_median']:.2f}x)"
             + (f"; first round, compiling, {first:.0f} s" if first else ""))
-    native_wgrad = p.get("ours_native_weight_grad")
+    native_conv = p.get("ours_native_conv")
+    if native_conv:
+        row("our step with oneDNN for every convolution pass (`SIMCLRV2_CONV_MATMUL=native`)",
+            f"{native_conv['images_per_s']:.1f} img/s: the matrix-product passes make our step "
+            f"{native_conv['ours_speedup_from_matmul_conv']:.2f}x faster (paired median "
+            f"{native_conv['ours_speedup_from_matmul_conv_paired_median']:.2f}x)")
+    native_wgrad = p.get("ours_native_weight_grad")  # result files written before the rename
     if native_wgrad:
-        row("our step with oneDNN's weight gradients (`SIMCLRV2_CONV_WEIGHT_GRAD=native`)",
+        row("our step with oneDNN's weight gradients (a run from before the forward and input gradient "
+            "became products too)",
             f"{native_wgrad['images_per_s']:.1f} img/s: the shifted weight gradient makes our step "
             f"{native_wgrad['ours_speedup_from_shifted_weight_grad']:.2f}x faster (paired median "
             f"{native_wgrad['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)")

@@ -24,10 +24,11 @@ What is measured, in ONE run on the same machine, same batch and the same number
   the EMA network on the default key views (``--memory-keys-fraction 0.25``: the second view of a
   quarter of the images), FIFO queue of 4096 negatives -- pre-filled, so the loss sees the
   steady-state 4096 extra columns from the first timed step.
-* **ours, oneDNN weight gradients** (``ours_native_wgrad``, on unless ``--no-ablate-conv-grad``):
-  our step with ``SIMCLRV2_CONV_WEIGHT_GRAD=native``, i.e. without the shifted weight gradient of
-  :mod:`simclrv2.models.conv_weight_grad`. ``ours_speedup_from_shifted_weight_grad`` is what that
-  rule buys on the machine at hand (bf16 and fp32 on CPU; 1.0 where it does not apply).
+* **ours, oneDNN convolutions** (``ours_native_conv``, on unless ``--no-ablate-conv-matmul``):
+  our step with ``SIMCLRV2_CONV_MATMUL=native``, i.e. without the matrix-product convolution passes
+  of :mod:`simclrv2.models.conv_matmul`. ``ours_speedup_from_matmul_conv`` is what those rules buy
+  on the machine at hand (bf16 and fp32 on CPU; 1.0 where they do not apply). Result files written
+  before the rename hold ``ours_native_weight_grad`` instead (weight gradients only).
 * **lightly** (peer reference; ``pip install lightly``, reported as unavailable otherwise):
   torchvision ``resnet18`` with the same CIFAR stem (conv1 3x3/s1, maxpool and fc = Identity),
   lightly's ``SimCLRProjectionHead(512, 512, 128, num_layers=3)`` (our head's depth/width),
@@ -110,7 +111,7 @@ from simclrv2.config import build_config  # noqa: E402
 from simclrv2.errors import ConfigError, SimCLRv2Error, TrainingError  # noqa: E402
 from simclrv2.losses import NegativeQueue  # noqa: E402
 from simclrv2.models import create_model  # noqa: E402
-from simclrv2.models.conv_weight_grad import ENV_VAR as CONV_WEIGHT_GRAD_ENV  # noqa: E402
+from simclrv2.models.conv_matmul import ENV_VAR as CONV_MATMUL_ENV  # noqa: E402
 from simclrv2.training.pretrain import PretrainStep  # noqa: E402
 from simclrv2.training.runtime import (available_memory, choose_precision, cpp_compiler, probe_shape,  # noqa: E402
                                        setup_runtime)
@@ -319,7 +320,7 @@ ABLATIONS = {
     "ours_glibc": {ALLOCATOR_ENV: "glibc", "SIMCLRV2_MALLOC_TUNING": "0"},
     # glibc keeping freed blocks (runtime.keep_freed_cpu_memory): what runs where tcmalloc is not installed
     "ours_glibc_kept": {ALLOCATOR_ENV: "glibc"},
-    "ours_native_wgrad": {CONV_WEIGHT_GRAD_ENV: "native"},  # oneDNN's weight gradient for every conv
+    "ours_native_conv": {CONV_MATMUL_ENV: "native"},  # oneDNN for every pass of every convolution
 }
 
 
@@ -787,8 +788,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
     if args.ablate_malloc:
         variants[1:1] = ["ours_glibc_kept", "ours_glibc"]
-    if args.ablate_conv_grad:
-        variants.insert(1, "ours_native_wgrad")
+    if args.ablate_conv_matmul:
+        variants.insert(1, "ours_native_conv")
     compiled = args.compiled if args.compiled is not None else cpp_compiler() is not None
     if compiled:
         variants.insert(1, "ours_compiled")
@@ -981,14 +982,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_vs_eager_paired_median": paired_ratio(times["ours"], times["ours_compiled"]),
             "first_warmup_round_s": (warmup_times.get("ours_compiled") or [None])[0],
             "note": "torch.compile(net) as --compile does; the first warm-up round includes the compilation"}
-    if "ours_native_wgrad" in workers:
-        results["pretrain"]["ours_native_weight_grad"] = {
-            **stats(times["ours_native_wgrad"]), "images_per_s": batch / best["ours_native_wgrad"],
-            "ours_speedup_from_shifted_weight_grad": best["ours_native_wgrad"] / best["ours"],
-            "ours_speedup_from_shifted_weight_grad_paired_median": paired_ratio(times["ours_native_wgrad"],
-                                                                                times["ours"]),
-            "note": f"{CONV_WEIGHT_GRAD_ENV}=native: oneDNN's weight gradient for every convolution "
-                    "(see simclrv2.models.conv_weight_grad)"}
+    if "ours_native_conv" in workers:
+        results["pretrain"]["ours_native_conv"] = {
+            **stats(times["ours_native_conv"]), "images_per_s": batch / best["ours_native_conv"],
+            "ours_speedup_from_matmul_conv": best["ours_native_conv"] / best["ours"],
+            "ours_speedup_from_matmul_conv_paired_median": paired_ratio(times["ours_native_conv"], times["ours"]),
+            "note": f"{CONV_MATMUL_ENV}=native: oneDNN for every pass of every convolution "
+                    "(see simclrv2.models.conv_matmul)"}
     for variant, key in (("ours_glibc", "ours_glibc_malloc"), ("ours_glibc_kept", "ours_glibc_kept_malloc")):
         if variant in workers:
             results["pretrain"][key] = {
@@ -1066,11 +1066,11 @@ def render_table(r: dict[str, Any]) -> str:
     o, lt, lb = p["ours"], p["lightly"], p["lightly_best"]
     lines.append(row(f"ours ({c['precision']}, channels_last, {c['optimizer']}, {c.get('allocator') or 'glibc'})", o,
                      o["gflop_per_step"], o["achieved_gflops"]))
-    if "ours_native_weight_grad" in p:
-        q = p["ours_native_weight_grad"]
-        lines.append(row(f"ours, oneDNN weight gradients ({CONV_WEIGHT_GRAD_ENV}=native; ours "
-                         f"{q['ours_speedup_from_shifted_weight_grad']:.2f}x, paired median "
-                         f"{q['ours_speedup_from_shifted_weight_grad_paired_median']:.2f}x)", q,
+    if "ours_native_conv" in p:
+        q = p["ours_native_conv"]
+        lines.append(row(f"ours, oneDNN convolutions ({CONV_MATMUL_ENV}=native; ours "
+                         f"{q['ours_speedup_from_matmul_conv']:.2f}x, paired median "
+                         f"{q['ours_speedup_from_matmul_conv_paired_median']:.2f}x)", q,
                          o["gflop_per_step"], o["gflop_per_step"] / q["min"]))
     for key, label in (("ours_glibc_kept_malloc", "ours with glibc keeping freed blocks (no tcmalloc)"),
                        ("ours_glibc_malloc", "ours with glibc's default malloc (SIMCLRV2_MALLOC_TUNING=0)")):
@@ -1171,9 +1171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aug-batch-224", type=int, default=None, help="default 64 (16 with --quick)")
     parser.add_argument("--ablate-malloc", action="store_true", help="also time our step with glibc's default "
                         "malloc policy (SIMCLRV2_MALLOC_TUNING=0, see simclrv2.training.runtime)")
-    parser.add_argument("--ablate-conv-grad", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time our step with oneDNN's weight gradient for every convolution "
-                        f"({CONV_WEIGHT_GRAD_ENV}=native, see simclrv2.models.conv_weight_grad); on by default")
+    parser.add_argument("--ablate-conv-matmul", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time our step with oneDNN for every pass of every convolution "
+                        f"({CONV_MATMUL_ENV}=native, see simclrv2.models.conv_matmul); on by default")
     parser.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     parser.add_argument("--stages", action="store_true", help="also time fine-tuning, distillation "
                         "(teacher + student), evaluation and prediction against a plain fp32 PyTorch loop")

@@ -15,11 +15,11 @@ from test_benchmark_host import _throughput
 
 def test_optional_variants_are_left_out_last_first_until_the_rest_fit():
     tp = _throughput()
-    others = ["ours_compiled", "ours_native_wgrad", "ours_memory", "lightly", "lightly_best"]
+    others = ["ours_compiled", "ours_native_conv", "ours_memory", "lightly", "lightly_best"]
     base = {name: 700.0 for name in others}
     # 4,000 MB per step: five workers need 1.15 * 4000 * 5 + reserve = 23,768 MB
     kept, left, needed, free = tp.plan_memory(4000.0, others, 21000.0, base)
-    assert left == ["ours_native_wgrad"]
+    assert left == ["ours_native_conv"]
     assert kept == ["ours_compiled", "ours_memory", "lightly", "lightly_best"]
     assert needed == pytest.approx(1.15 * 4000 * 4 + tp.RESERVE_MB)
     assert free == pytest.approx(21700.0)

@@ -28,7 +28,7 @@ import torch
 
 from simclrv2.config import Config, parse_arch_cheap
 from simclrv2.errors import ConfigError, Terminated
-from simclrv2.models.conv_weight_grad import shifted_enabled_by_env
+from simclrv2.models.conv_matmul import matmul_enabled_by_env
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils import precision_probe
 from simclrv2.utils.allocator import allocator_choice, allocator_in_use
@@ -249,7 +249,7 @@ def seed_everything(seed: int) -> None:
 
 def setup_runtime(cfg: Config) -> Runtime:
     """Initialise processes (torchrun env), the device and precision, and seeds."""
-    shifted_enabled_by_env()  # a bad SIMCLRV2_CONV_WEIGHT_GRAD is an error before any work
+    matmul_enabled_by_env()  # a bad SIMCLRV2_CONV_MATMUL is an error before any work
     allocator_choice()  # and so is a bad SIMCLRV2_ALLOCATOR (the command restarts under tcmalloc earlier)
     rank, world_size, local_rank = dist_utils.setup_distributed(timeout=getattr(cfg, "dist_timeout", None))
     device = resolve_device(cfg.device, local_rank)

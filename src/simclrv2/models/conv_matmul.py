@@ -1,0 +1,353 @@
+"""Convolutions as matrix products where oneDNN is slow on the CPU: small outputs, strided weight gradients (issue #17).
+
+Why: on CPU the convolution backward is done by oneDNN. Its weight-gradient kernel
+(``brgconv_bwd_w``) reduces over ``N * H_out * W_out`` and is slow when the output is small.
+That is the case for the last stage of a ResNet: 4x4 at 32 px with the CIFAR stem, 7x7 at
+224 px. On a 2-core Intel Xeon with AMX (oneDNN ``avx10_1_512_amx``), batch 512, 512 -> 512
+channels at 4x4, bf16, it ran at 263 GFLOP/s: 147 ms. The forward of the same conv ran at
+about 1,900 GFLOP/s. In our SimCLRv2 step at 32 px, the weight gradients took 1.06 s of a
+2.8 s step, and 0.56 s of that went to the four 3x3 convolutions of the last stage.
+
+The weight gradient of a ``k x k`` convolution is a sum of ``k*k`` matrix products, one per
+kernel tap ``(i, j)``::
+
+    grad_w[:, :, i, j] = grad_out^T  @  x_pad[:, i::stride, j::stride]      (channels_last)
+                        (C_out x N*H_out*W_out)  (N*H_out*W_out x C_in)
+
+:func:`shifted_weight_grad` computes it that way. ``torch.mm`` in bf16 runs near the
+machine's matmul peak. Timings, in ms, on the same host (``benchmarks/throughput.py`` has
+the end-to-end figure):
+
+  ======================================  ======  =======  =====
+  shape (N, C_in -> C_out, H_in, stride)  oneDNN  shifted  ratio
+  ======================================  ======  =======  =====
+  512, 512 -> 512, 4 px, 1                 148.9     33.9  4.4x
+  512, 256 -> 512, 8 px, 2                  80.1     20.0  4.0x
+  256, 512 -> 512, 7 px, 1                  94.0     52.8  1.8x
+  256, 256 -> 256, 8 px, 1                  24.6     22.7  1.1x
+  512, 256 -> 256, 8 px, 1                  48.9     70.2  0.7x
+  512, 128 -> 128, 16 px, 1                 27.9    163.0  0.2x
+  fp32: 512, 512 -> 512, 4 px, 1           160.4    152.3  1.05x
+  ======================================  ======  =======  =====
+
+In fp32 oneDNN's weight gradient is slow at small outputs too. On a 2-core AMD EPYC with AVX2
+only (host kind ``amd-avx2``, no native bf16, so ``--precision auto`` trains in fp32; oneDNN
+``brg_conv`` avx2), fp32, channels_last, GFLOP/s (``torch.mm`` fp32 ran at 130 there):
+
+  ======================================  ======  =======  =====
+  shape (N, C_in -> C_out, H_in, stride)  oneDNN  shifted  ratio
+  ======================================  ======  =======  =====
+  512, 512 -> 512, 4 px, 1                    84      122  1.45x
+  512, 256 -> 512, 8 px, 2                    51       77  1.51x
+  128, 512 -> 512, 7 px, 1                    74      125  1.69x
+  128, 256 -> 512, 14 px, 2                   75      109  1.45x
+  512, 256 -> 256, 8 px, 1                   136       85  0.63x
+  512, 64 -> 64, 32 px, 1                     80       42  0.52x
+  ======================================  ======  =======  =====
+
+On a 2-core Intel Xeon with AVX-512 but no native bf16 (host kind ``intel-avx512``, family 6
+model 106; fp32 training), oneDNN's forward and input gradient are slow at small outputs as well,
+and its weight gradient is slow on every strided convolution. There, one matrix product over
+explicitly gathered patches (im2col: rows ``N*H_out*W_out``, columns ``kh*kw*C_in``, a batch chunk
+at a time) beat it. fp32, channels_last, GFLOP/s, best of 4 (``torch.mm`` fp32 peaked at about
+310); "fwd" the forward, "in" the input gradient (the product, then the patches added back:
+col2im), "w" the weight gradient:
+
+  ==========================================  ===============  ==============  ==============
+  shape (N, C_in -> C_out, H_in, stride)      fwd oneDNN/ours  in oneDNN/ours  w oneDNN/ours
+  ==========================================  ===============  ==============  ==============
+  512, 512 -> 512, 4 px, 1                         207 / 241       181 / 254       172 / 259
+  512, 256 -> 512, 8 px, 2                         179 / 238       161 / 252       109 / 253
+  128, 512 -> 512, 7 px, 1                         188 / 238       182 / 225       138 / 236
+  128, 256 -> 256, 14 px, 2                        211 / 168       167 / 191       110 / 181
+  512, 128 -> 256, 16 px, 2                        257 / 192       244 / 178       112 / 166
+  512, 64 -> 128, 32 px, 2                         262 / 146       225 / 164       131 / 145
+  512, 256 -> 256, 8 px, 1                         279 / 196       275 / 200       235 / 203
+  ==========================================  ===============  ==============  ==============
+
+(The shifted products of the first table reached 233, 211, 189, 145, 154 and 103 GFLOP/s for the
+weight gradients of the first six rows: gathering the patches once is faster in fp32.)
+
+So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wanted, grad mode on),
+3x3 or larger kernels, no groups or dilation, not while compiling or tracing:
+
+* **fp32**: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): forward, input gradient and weight
+  gradient all as im2col products; a strided convolution with an output of at most 16x16
+  (``MATMUL_WGRAD_MAX_STRIDED_AREA``): the weight gradient only.
+* **bf16** (autocast): output at most 7x7: the weight gradient as the shifted products (measured
+  above on ``intel-amx``); forward and input gradient stay oneDNN's (im2col is unmeasured in bf16).
+
+Everything else, and CUDA, fp64, inference, ``torch.compile`` and export, is oneDNN's plain
+convolution. The rules were measured on the hosts named above; on another host
+``benchmarks/throughput.py --ablate-conv-matmul`` times the step with and without them
+(``SIMCLRV2_CONV_MATMUL=native`` turns them off). The results are the same sums in another order:
+they match the convolution to rounding (``tests/test_conv_matmul.py`` checks float64 exactly and
+the network's gradients against oneDNN's). ``torch.nn.functional.unfold`` gathers patches too, but
+in NCHW order (columns ``C_in*kh*kw``, rows last), which would need a transposing copy before the
+product in a channels_last network; the strided copies here write the product's layout directly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+__all__ = ["ENV_VAR", "MATMUL_MAX_OUTPUT_AREA", "MATMUL_WGRAD_MAX_STRIDED_AREA", "ConvPlan", "conv2d_matmul",
+           "im2col_conv2d", "im2col_input_grad", "im2col_weight_grad", "matmul_enabled_by_env", "plan_conv",
+           "shifted_weight_grad"]
+
+#: Largest output ``H_out * W_out`` whose convolution runs as matrix products (7x7, the last stage
+#: of a ResNet at 224 px; 4x4 at 32 px with the CIFAR stem). At 8x8 oneDNN was as fast or faster.
+MATMUL_MAX_OUTPUT_AREA = 49
+
+#: Largest output of a strided (fp32) convolution whose weight gradient is an im2col product
+#: (16x16: the first strided 3x3 convolution at 32 px; 28x28 measured equal, so it stays oneDNN's).
+MATMUL_WGRAD_MAX_STRIDED_AREA = 256
+
+#: ``native`` (or ``0``) keeps oneDNN's convolution everywhere; unset or ``auto`` applies the rules.
+ENV_VAR = "SIMCLRV2_CONV_MATMUL"
+
+#: The variable's name before the forward and input gradient joined it; setting it is an error that
+#: names the new one, so an old setting is never silently ignored.
+_RENAMED_ENV_VAR = "SIMCLRV2_CONV_WEIGHT_GRAD"
+
+#: Gathered patches per chunk: at most this many rows, and at most this many bytes, so the
+#: transient buffer stays small next to the activations (151 MB for a whole batch of 512 at 4x4x512).
+_CHUNK_ROWS = 8192
+_CHUNK_BYTES = 64 << 20
+
+
+def matmul_enabled_by_env() -> bool:
+    """Whether ``SIMCLRV2_CONV_MATMUL`` allows the matrix-product convolutions; a ConfigError naming
+    the variable for any other value (``setup_runtime`` calls it before training starts)."""
+    if _RENAMED_ENV_VAR in os.environ:
+        raise ConfigError(f"{_RENAMED_ENV_VAR} was renamed {ENV_VAR} (it now covers the forward and input "
+                          f"gradient too): set {ENV_VAR}=native or auto instead")
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("auto", "", "1", "matmul"):
+        return True
+    if value in ("native", "0", "off", "onednn"):
+        return False
+    raise ConfigError(f"{ENV_VAR}={value!r} is not understood: use 'auto' (the default: matrix products "
+                      "where they are faster than oneDNN) or 'native' (oneDNN's convolution everywhere)")
+
+
+class ConvPlan(NamedTuple):
+    """Which passes of one convolution run as matrix products (module docstring)."""
+
+    forward: bool         # im2col product instead of oneDNN's forward
+    input_grad: bool      # product + col2im instead of oneDNN's input gradient
+    weight_grad: str      # "im2col", "shifted" or "onednn"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: autocast's when it is on for ``x``'s device, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _output_hw(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int]) -> tuple[int, int]:
+    return ((x.shape[-2] + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+            (x.shape[-1] + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+
+
+def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], groups: int) -> ConvPlan | None:
+    """The passes of ``F.conv2d(x, weight, ...)`` that :func:`conv2d_matmul` should run as matrix
+    products, or None for oneDNN's plain convolution (the rules of the module docstring)."""
+    if x.device.type != "cpu" or x.dim() != 4 or not weight.requires_grad or not torch.is_grad_enabled():
+        return None
+    if groups != 1 or tuple(dilation) != (1, 1) or min(weight.shape[-2:]) < 3:
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return None  # export and compilation see the plain convolution (a traced autograd.Function is opaque)
+    dtype = _compute_dtype(x)
+    if dtype not in (torch.bfloat16, torch.float32):
+        return None
+    h_out, w_out = _output_hw(x, tuple(weight.shape[-2:]), stride, padding)
+    small = h_out * w_out <= MATMUL_MAX_OUTPUT_AREA
+    if dtype == torch.bfloat16:
+        plan = ConvPlan(False, False, "shifted") if small else None
+    elif small:
+        plan = ConvPlan(True, True, "im2col")
+    elif max(stride) > 1 and h_out * w_out <= MATMUL_WGRAD_MAX_STRIDED_AREA:
+        plan = ConvPlan(False, False, "im2col")
+    else:
+        plan = None
+    return plan if plan is not None and matmul_enabled_by_env() else None
+
+
+def _padded_nhwc(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """``x`` as (N, H + 2p, W + 2p, C), zero-padded (one copy; a view of a channels_last ``x`` without padding)."""
+    nhwc = x.permute(0, 2, 3, 1)
+    if padding == (0, 0):
+        return nhwc
+    return F.pad(nhwc, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+
+
+def _chunk_images(n: int, rows_per_image: int, cols: int, itemsize: int) -> int:
+    """Images per chunk: within ``_CHUNK_ROWS`` rows and ``_CHUNK_BYTES`` of patches, and the chunks
+    of equal size (512 images at 4x4x512 go as 3 x 171, not 227 + 227 + 58)."""
+    rows = min(_CHUNK_ROWS, max(rows_per_image, _CHUNK_BYTES // (cols * itemsize)))
+    most = max(1, min(n, rows // rows_per_image))
+    chunks = -(-n // most)
+    return -(-n // chunks)
+
+
+def _gather_patches(x_pad: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                    out_hw: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """im2col: ``out[n, y, x, i, j, c] = x_pad[n, y*s + i, x*s + j, c]`` by one strided copy per kernel tap."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, :, i, j, :].copy_(x_pad[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :])
+    return out
+
+
+def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as (C_out, kh*kw*C_in), in the patches' column order."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+                  padding: tuple[int, int]) -> torch.Tensor:
+    """``F.conv2d(x, weight, None, stride, padding)`` as one product per batch chunk of gathered
+    patches. Returns NCHW in channels_last strides, in ``x``'s dtype."""
+    n, c_in = x.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    ho, wo = _output_hw(x, (kh, kw), stride, padding)
+    x_pad = _padded_nhwc(x, padding)
+    w_rows_t = _weight_rows(weight).t()
+    out = torch.empty(n, ho, wo, c_out, dtype=x.dtype, device=x.device)
+    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, x.element_size())
+    cols = torch.empty(chunk, ho, wo, kh, kw, c_in, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        b = min(n - start, chunk)
+        patches = _gather_patches(x_pad[start:start + b], (kh, kw), stride, (ho, wo), cols[:b])
+        torch.mm(patches.view(b * ho * wo, -1), w_rows_t, out=out[start:start + b].view(b * ho * wo, c_out))
+    return out.permute(0, 3, 1, 2)
+
+
+def _tap_range(size_in: int, size_out: int, tap: int, stride: int, pad: int) -> tuple[int, int, int]:
+    """For one kernel tap along one axis: the first output index whose input ``o*stride + tap - pad``
+    lies inside the image, the number of such outputs, and the first such input index."""
+    first = max(0, -((tap - pad) // stride))          # ceil((pad - tap) / stride), at least 0
+    last = min(size_out - 1, (size_in - 1 + pad - tap) // stride)
+    count = max(0, last - first + 1)
+    return first, count, first * stride + tap - pad
+
+
+def im2col_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
+                      stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, weight, None, stride, padding)`` with respect to ``x``: the
+    patches' gradient as one product per batch chunk, then each tap added back where it was
+    gathered from (col2im). Returns NCHW in channels_last strides, in ``grad_out``'s dtype."""
+    n, c_in, h, w = input_shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = grad_out.shape[-2:]
+    g_rows = grad_out.permute(0, 2, 3, 1)
+    w_rows = _weight_rows(weight.to(grad_out.dtype))
+    grad_x = torch.zeros(n, h, w, c_in, dtype=grad_out.dtype, device=grad_out.device)
+    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, grad_out.element_size())
+    cols = torch.empty(chunk * ho * wo, kh * kw * c_in, dtype=grad_out.dtype, device=grad_out.device)
+    taps = [(i, j, _tap_range(h, ho, i, stride[0], padding[0]), _tap_range(w, wo, j, stride[1], padding[1]))
+            for i in range(kh) for j in range(kw)]
+    for start in range(0, n, chunk):
+        b = min(n - start, chunk)
+        torch.mm(g_rows[start:start + b].reshape(b * ho * wo, c_out), w_rows, out=cols[:b * ho * wo])
+        patches = cols[:b * ho * wo].view(b, ho, wo, kh, kw, c_in)
+        for i, j, (oy, ny, iy), (ox, nx, ix) in taps:
+            if ny and nx:
+                grad_x[start:start + b, iy:iy + stride[0] * (ny - 1) + 1:stride[0],
+                       ix:ix + stride[1] * (nx - 1) + 1:stride[1], :] += patches[:, oy:oy + ny, ox:ox + nx, i, j, :]
+    return grad_x.permute(0, 3, 1, 2)
+
+
+def im2col_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int, int],
+                       stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, w, stride=stride, padding=padding)`` with respect to ``w``:
+    ``grad_out^T @ patches``, accumulated over batch chunks. Returns ``(C_out, C_in, kh, kw)`` in
+    channels_last strides, in ``grad_out``'s dtype."""
+    n, c_in = x.shape[:2]
+    c_out, ho, wo = grad_out.shape[1:]
+    kh, kw = kernel_size
+    x_pad = _padded_nhwc(x, padding)
+    g_rows = grad_out.permute(0, 2, 3, 1)
+    grad_w = torch.zeros(c_out, kh * kw * c_in, dtype=grad_out.dtype, device=grad_out.device)
+    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, x.element_size())
+    cols = torch.empty(chunk, ho, wo, kh, kw, c_in, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        b = min(n - start, chunk)
+        patches = _gather_patches(x_pad[start:start + b], (kh, kw), stride, (ho, wo), cols[:b])
+        # ``addmm(out=)`` rather than ``addmm_``: the same kernel, and FlopCounterMode (benchmarks/throughput.py's
+        # roofline) counts it; it does not count ``addmm_``
+        torch.addmm(grad_w, g_rows[start:start + b].reshape(b * ho * wo, c_out).t(), patches.view(b * ho * wo, -1),
+                    out=grad_w)
+    return grad_w.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
+
+
+def shifted_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int, int],
+                        stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, w, stride=stride, padding=padding)`` with respect to ``w``,
+    as ``kh * kw`` matrix products, one per tap, without gathering patches (the bf16 rule, module
+    docstring). Returns ``(C_out, C_in, kh, kw)`` in channels_last strides, in ``grad_out``'s dtype."""
+    n, c_in = x.shape[:2]
+    c_out, h_out, w_out = grad_out.shape[1:]
+    kh, kw = kernel_size
+    x_pad = _padded_nhwc(x, padding)
+    grad_rows_t = grad_out.permute(0, 2, 3, 1).reshape(n * h_out * w_out, c_out).t()
+    grad_w = torch.empty(c_out, kh, kw, c_in, dtype=grad_out.dtype, device=grad_out.device)
+    for i in range(kh):
+        for j in range(kw):
+            taps = x_pad[:, i:i + stride[0] * (h_out - 1) + 1:stride[0], j:j + stride[1] * (w_out - 1) + 1:stride[1], :]
+            torch.mm(grad_rows_t, taps.reshape(n * h_out * w_out, c_in), out=grad_w[:, i, j, :])
+    return grad_w.permute(0, 3, 1, 2)
+
+
+_WEIGHT_GRADS = {"im2col": im2col_weight_grad, "shifted": shifted_weight_grad}
+
+
+class _Conv2dMatmul(torch.autograd.Function):
+    """Bias-free ``F.conv2d`` whose passes run as the :class:`ConvPlan` says: matrix products or oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, plan):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.plan = stride, padding, plan
+        with torch.autocast(x.device.type, enabled=False):
+            if plan.forward:
+                return im2col_conv2d(x, weight, stride, padding)
+            return F.conv2d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        plan, stride, padding = ctx.plan, ctx.stride, ctx.padding
+        grad_x = grad_w = None
+        native_input = ctx.needs_input_grad[0] and not plan.input_grad
+        native_weight = ctx.needs_input_grad[1] and plan.weight_grad == "onednn"
+        if native_input or native_weight:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                [native_input, native_weight, False])
+        if ctx.needs_input_grad[0] and plan.input_grad:
+            grad_x = im2col_input_grad(grad_out, weight, x.shape, stride, padding)
+        if ctx.needs_input_grad[1] and plan.weight_grad != "onednn":
+            grad_w = _WEIGHT_GRADS[plan.weight_grad](x, grad_out, tuple(weight.shape[-2:]), stride, padding)
+        return grad_x, grad_w, None, None, None
+
+
+def conv2d_matmul(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                  plan: ConvPlan) -> torch.Tensor:
+    """``F.conv2d(x, weight, None, stride, padding)`` with the passes of ``plan`` as matrix products, in
+    the compute dtype (bf16 under autocast: ``x`` and ``weight`` are cast as autocast would, and the
+    gradient reaches the fp32 weight through the cast; fp32 otherwise)."""
+    dtype = _compute_dtype(x)
+    return _Conv2dMatmul.apply(x.to(dtype), weight.to(dtype), tuple(stride), tuple(padding), plan)
