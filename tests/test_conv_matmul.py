@@ -68,6 +68,20 @@ def test_batches_larger_than_one_chunk_are_gathered_in_chunks(monkeypatch):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def avx512(monkeypatch):
+    """The AVX-512 rules on any host (the rules read the capability PyTorch dispatches to)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_without_avx512_an_fp32_small_conv_keeps_onednn_forward_and_input_gradient(monkeypatch, capability):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    weight = torch.zeros(8, 8, 3, 3, requires_grad=True)
+    plan = plan_conv(torch.zeros(2, 8, 4, 4), weight, (1, 1), (1, 1), (1, 1), 1)
+    assert plan == ConvPlan(False, False, "im2col")
+
+
 @pytest.mark.parametrize("dtype, side, stride, want", [
     (torch.float32, 4, 1, ConvPlan(True, True, "im2col")),
     (torch.float32, 14, 2, ConvPlan(True, True, "im2col")),       # 7x7 output
@@ -79,7 +93,7 @@ def test_batches_larger_than_one_chunk_are_gathered_in_chunks(monkeypatch):
     (torch.bfloat16, 16, 2, None),
     (torch.float64, 4, 1, None),
 ])
-def test_the_rules_pick_the_passes_measured_faster(dtype, side, stride, want):
+def test_the_rules_pick_the_passes_measured_faster(avx512, dtype, side, stride, want):
     x = torch.zeros(2, 8, side, side)
     weight = torch.zeros(8, 8, 3, 3, requires_grad=True)
     if dtype == torch.float64:
@@ -137,7 +151,7 @@ def _assert_as_accurate_as_onednn(fast, ref, exact, name):
 
 
 @pytest.mark.parametrize("side, stride", [(4, 1), (8, 2)])
-def test_a_small_fp32_conv_runs_every_pass_as_products_and_matches_onednn(monkeypatch, side, stride):
+def test_a_small_fp32_conv_runs_every_pass_as_products_and_matches_onednn(avx512, monkeypatch, side, stride):
     """fp32 (``--precision auto`` on CPUs without native bf16), a 4x4 output: forward, input and
     weight gradient all as matrix products, each as accurate as oneDNN's."""
     torch.manual_seed(0)
@@ -192,7 +206,7 @@ def test_the_matmul_passes_are_left_out_where_the_rules_say(case):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_network_step_with_the_matmul_passes_matches_the_native_one(monkeypatch, precision):
+def test_a_network_step_with_the_matmul_passes_matches_the_native_one(avx512, monkeypatch, precision):
     """r18 with the CIFAR stem at 32 px: layer4 runs at 4x4, so its four 3x3 convs take the matmul
     path (in fp32 the strided convs of layers 2 and 3 too); every gradient agrees with oneDNN's to
     bf16 accuracy, and in fp32 to fp32 accuracy."""
@@ -247,7 +261,7 @@ def test_the_old_variable_name_is_an_error_naming_the_new_one(monkeypatch, capsy
 
 
 @pytest.mark.parametrize("side, stride", [(4, 1), (8, 2), (16, 2)])
-def test_the_flop_counter_sees_the_same_flops_as_for_onednn(monkeypatch, side, stride):
+def test_the_flop_counter_sees_the_same_flops_as_for_onednn(avx512, monkeypatch, side, stride):
     """benchmarks/throughput.py's roofline divides FlopCounterMode's count by the step time: every
     product of the matmul passes must be counted (``addmm_`` would not be)."""
     from torch.utils.flop_counter import FlopCounterMode

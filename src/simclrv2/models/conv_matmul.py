@@ -65,14 +65,21 @@ col2im), "w" the weight gradient:
   512, 256 -> 256, 8 px, 1                         279 / 196       275 / 200       235 / 203
   ==========================================  ===============  ==============  ==============
 
+On AVX2 the forward and input gradient are left to oneDNN. With this host's oneDNN and MKL capped
+at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``, a stand-in: the ``amd-avx2``
+host itself was not measured), oneDNN/ours at batch 512 were: forward 114/164 at 4x4x512 but
+183/140 for 256 -> 512 at 8 px stride 2; input gradient 171/169 and 163/143; weight gradient
+119/164, 91/142, and 89/146 for 128 -> 256 at 16 px stride 2 (``torch.mm`` about 186 there).
+
 (The shifted products of the first table reached 233, 211, 189, 145, 154 and 103 GFLOP/s for the
 weight gradients of the first six rows: gathering the patches once is faster in fp32.)
 
 So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wanted, grad mode on),
 3x3 or larger kernels, no groups or dilation, not while compiling or tracing:
 
-* **fp32**: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): forward, input gradient and weight
-  gradient all as im2col products; a strided convolution with an output of at most 16x16
+* **fp32**: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
+  product, and on CPUs where PyTorch runs AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``)
+  the forward and input gradient too; a strided convolution with an output of at most 16x16
   (``MATMUL_WGRAD_MAX_STRIDED_AREA``): the weight gradient only.
 * **bf16** (autocast): output at most 7x7: the weight gradient as the shifted products (measured
   above on ``intel-amx``); forward and input gradient stay oneDNN's (im2col is unmeasured in bf16).
@@ -176,7 +183,8 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
     if dtype == torch.bfloat16:
         plan = ConvPlan(False, False, "shifted") if small else None
     elif small:
-        plan = ConvPlan(True, True, "im2col")
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        plan = ConvPlan(avx512, avx512, "im2col")
     elif max(stride) > 1 and h_out * w_out <= MATMUL_WGRAD_MAX_STRIDED_AREA:
         plan = ConvPlan(False, False, "im2col")
     else:
