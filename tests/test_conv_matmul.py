@@ -84,7 +84,9 @@ def test_without_avx512_an_fp32_small_conv_keeps_onednn_forward_and_input_gradie
 
 @pytest.mark.parametrize("dtype, side, stride, want", [
     (torch.float32, 4, 1, ConvPlan(True, True, "im2col")),
-    (torch.float32, 14, 2, ConvPlan(True, True, "im2col")),       # 7x7 output
+    (torch.float32, 8, 2, ConvPlan(True, True, "im2col")),        # 4x4 output, strided
+    (torch.float32, 7, 1, ConvPlan(True, True, "im2col")),        # 7x7 output
+    (torch.float32, 14, 2, ConvPlan(False, True, "im2col")),      # 7x7 output, strided: oneDNN's forward
     (torch.float32, 16, 2, ConvPlan(False, False, "im2col")),     # 8x8 output, strided
     (torch.float32, 32, 2, ConvPlan(False, False, "im2col")),     # 16x16 output, strided
     (torch.float32, 8, 1, None),                                  # 8x8 output, stride 1

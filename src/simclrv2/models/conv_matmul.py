@@ -62,6 +62,7 @@ col2im), "w" the weight gradient:
   128, 256 -> 256, 14 px, 2                        211 / 168       167 / 191       110 / 181
   512, 128 -> 256, 16 px, 2                        257 / 192       244 / 178       112 / 166
   512, 64 -> 128, 32 px, 2                         262 / 146       225 / 164       131 / 145
+  64, 128 -> 128, 28 px, 2                         207 / 104       151 / 111       107 / 112
   512, 256 -> 256, 8 px, 1                         279 / 196       275 / 200       235 / 203
   ==========================================  ===============  ==============  ==============
 
@@ -79,8 +80,9 @@ So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wante
 
 * **fp32**: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
   product, and on CPUs where PyTorch runs AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``)
-  the forward and input gradient too; a strided convolution with an output of at most 16x16
-  (``MATMUL_WGRAD_MAX_STRIDED_AREA``): the weight gradient only.
+  the input gradient too, and the forward where the stride is 1 or the output at most 4x4 (oneDNN's
+  strided forward to 7x7 was the faster one above); a strided convolution with an output of at most
+  16x16 (``MATMUL_WGRAD_MAX_STRIDED_AREA``): the weight gradient only.
 * **bf16** (autocast): output at most 7x7: the weight gradient as the shifted products (measured
   above on ``intel-amx``); forward and input gradient stay oneDNN's (im2col is unmeasured in bf16).
 
@@ -112,9 +114,13 @@ __all__ = ["ENV_VAR", "MATMUL_MAX_OUTPUT_AREA", "MATMUL_WGRAD_MAX_STRIDED_AREA",
 #: of a ResNet at 224 px; 4x4 at 32 px with the CIFAR stem). At 8x8 oneDNN was as fast or faster.
 MATMUL_MAX_OUTPUT_AREA = 49
 
-#: Largest output of a strided (fp32) convolution whose weight gradient is an im2col product
-#: (16x16: the first strided 3x3 convolution at 32 px; 28x28 measured equal, so it stays oneDNN's).
+#: Largest output of a strided (fp32) convolution whose weight gradient is an im2col product (16x16:
+#: the first strided 3x3 convolution at 32 px, measured 145 vs 131 GFLOP/s; at 14x14 with 128 channels
+#: the two were equal; larger outputs were not measured, so they stay oneDNN's).
 MATMUL_WGRAD_MAX_STRIDED_AREA = 256
+
+#: Largest output of a strided fp32 convolution whose forward is a product (4x4 measured faster, 7x7 slower).
+_STRIDED_FORWARD_MAX_OUTPUT_AREA = 16
 
 #: ``native`` (or ``0``) keeps oneDNN's convolution everywhere; unset or ``auto`` applies the rules.
 ENV_VAR = "SIMCLRV2_CONV_MATMUL"
@@ -184,7 +190,9 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
         plan = ConvPlan(False, False, "shifted") if small else None
     elif small:
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        plan = ConvPlan(avx512, avx512, "im2col")
+        # the forward only at stride 1 or 4x4: oneDNN's strided forward to 7x7 was faster (211 vs 168)
+        forward = avx512 and (max(stride) == 1 or h_out * w_out <= _STRIDED_FORWARD_MAX_OUTPUT_AREA)
+        plan = ConvPlan(forward, avx512, "im2col")
     elif max(stride) > 1 and h_out * w_out <= MATMUL_WGRAD_MAX_STRIDED_AREA:
         plan = ConvPlan(False, False, "im2col")
     else:
