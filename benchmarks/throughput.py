@@ -53,8 +53,8 @@ each network (its first warm-up step): forward + backward convolutions and matri
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
 "model FLOPs"). The convolution passes that :mod:`simclrv2.models.conv_matmul` runs as matrix
 products count the same FLOPs as oneDNN's (``tests/test_conv_matmul.py``: the counter skips
-in-place ``addmm_``, so they use ``addmm(out=)``).  Kernel probes, timed in the same rounds: ``torch.mm`` on square matrices (2048,
-4096; B row- and column-major) and forward 3x3 convolutions shaped like the network's four stages
+in-place ``addmm_``, so they use ``addmm(out=)``).  Kernel probes, timed in the same rounds:
+``torch.mm`` on square matrices (2048, 4096; B row- and column-major) and forward 3x3 convolutions shaped like the network's four stages
 (``CONV_PROBES``, channels_last), in bf16 (only where it is native) and fp32.
 ``roofline_fraction`` = our step's FLOP/s / the best rate of any probe (the best kernel the
 machine showed in this run); ``theoretical_peak_fraction`` = our FLOP/s / (cores x clock x

@@ -99,6 +99,7 @@ product in a channels_last network; the strided copies here write the product's 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -155,7 +156,7 @@ class ConvPlan(NamedTuple):
 
     forward: bool         # im2col product instead of oneDNN's forward
     input_grad: bool      # product + col2im instead of oneDNN's input gradient
-    weight_grad: str      # "im2col", "shifted" or "onednn"
+    weight_grad: str      # "im2col" or "shifted": every plan computes the weight gradient as products
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -217,14 +218,28 @@ def _chunk_images(n: int, rows_per_image: int, cols: int, itemsize: int) -> int:
     return -(-n // chunks)
 
 
-def _gather_patches(x_pad: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                    out_hw: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    """im2col: ``out[n, y, x, i, j, c] = x_pad[n, y*s + i, x*s + j, c]`` by one strided copy per kernel tap."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
-    for i in range(kh):
-        for j in range(kw):
-            out[:, :, :, i, j, :].copy_(x_pad[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :])
-    return out
+def _tap(x_pad: torch.Tensor, i: int, j: int, stride: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """The inputs kernel tap ``(i, j)`` meets: ``x_pad[:, y*s + i, x*s + j, :]`` for every output ``(y, x)`` (a view)."""
+    (sh, sw), (ho, wo) = stride, out_hw
+    return x_pad[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+
+
+def _patch_chunks(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                  out_hw: tuple[int, int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """im2col a batch chunk at a time: ``(start, images, patches)`` with ``patches`` the chunk's
+    ``(images*H_out*W_out, kh*kw*C_in)`` rows, ``[n, y, x, i, j, c] = x_pad[n, y*s + i, x*s + j, c]``,
+    gathered by one strided copy per kernel tap into one buffer reused by every chunk."""
+    n, c_in = x.shape[:2]
+    (kh, kw), (ho, wo) = kernel, out_hw
+    x_pad = _padded_nhwc(x, padding)
+    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, x.element_size())
+    cols = torch.empty(chunk, ho, wo, kh, kw, c_in, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        b = min(n - start, chunk)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:b, :, :, i, j, :].copy_(_tap(x_pad[start:start + b], i, j, stride, out_hw))
+        yield start, b, cols[:b].view(b * ho * wo, -1)
 
 
 def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -236,18 +251,12 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int]
                   padding: tuple[int, int]) -> torch.Tensor:
     """``F.conv2d(x, weight, None, stride, padding)`` as one product per batch chunk of gathered
     patches. Returns NCHW in channels_last strides, in ``x``'s dtype."""
-    n, c_in = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     ho, wo = _output_hw(x, (kh, kw), stride, padding)
-    x_pad = _padded_nhwc(x, padding)
     w_rows_t = _weight_rows(weight).t()
-    out = torch.empty(n, ho, wo, c_out, dtype=x.dtype, device=x.device)
-    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, x.element_size())
-    cols = torch.empty(chunk, ho, wo, kh, kw, c_in, dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk):
-        b = min(n - start, chunk)
-        patches = _gather_patches(x_pad[start:start + b], (kh, kw), stride, (ho, wo), cols[:b])
-        torch.mm(patches.view(b * ho * wo, -1), w_rows_t, out=out[start:start + b].view(b * ho * wo, c_out))
+    out = torch.empty(x.shape[0], ho, wo, c_out, dtype=x.dtype, device=x.device)
+    for start, b, patches in _patch_chunks(x, (kh, kw), stride, padding, (ho, wo)):
+        torch.mm(patches, w_rows_t, out=out[start:start + b].view(b * ho * wo, c_out))
     return out.permute(0, 3, 1, 2)
 
 
@@ -291,21 +300,15 @@ def im2col_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tup
     """The gradient of ``F.conv2d(x, w, stride=stride, padding=padding)`` with respect to ``w``:
     ``grad_out^T @ patches``, accumulated over batch chunks. Returns ``(C_out, C_in, kh, kw)`` in
     channels_last strides, in ``grad_out``'s dtype."""
-    n, c_in = x.shape[:2]
+    c_in = x.shape[1]
     c_out, ho, wo = grad_out.shape[1:]
     kh, kw = kernel_size
-    x_pad = _padded_nhwc(x, padding)
     g_rows = grad_out.permute(0, 2, 3, 1)
     grad_w = torch.zeros(c_out, kh * kw * c_in, dtype=grad_out.dtype, device=grad_out.device)
-    chunk = _chunk_images(n, ho * wo, kh * kw * c_in, x.element_size())
-    cols = torch.empty(chunk, ho, wo, kh, kw, c_in, dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk):
-        b = min(n - start, chunk)
-        patches = _gather_patches(x_pad[start:start + b], (kh, kw), stride, (ho, wo), cols[:b])
+    for start, b, patches in _patch_chunks(x, kernel_size, stride, padding, (ho, wo)):
         # ``addmm(out=)`` rather than ``addmm_``: the same kernel, and FlopCounterMode (benchmarks/throughput.py's
         # roofline) counts it; it does not count ``addmm_``
-        torch.addmm(grad_w, g_rows[start:start + b].reshape(b * ho * wo, c_out).t(), patches.view(b * ho * wo, -1),
-                    out=grad_w)
+        torch.addmm(grad_w, g_rows[start:start + b].reshape(b * ho * wo, c_out).t(), patches, out=grad_w)
     return grad_w.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
 
 
@@ -322,7 +325,7 @@ def shifted_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tu
     grad_w = torch.empty(c_out, kh, kw, c_in, dtype=grad_out.dtype, device=grad_out.device)
     for i in range(kh):
         for j in range(kw):
-            taps = x_pad[:, i:i + stride[0] * (h_out - 1) + 1:stride[0], j:j + stride[1] * (w_out - 1) + 1:stride[1], :]
+            taps = _tap(x_pad, i, j, stride, (h_out, w_out))
             torch.mm(grad_rows_t, taps.reshape(n * h_out * w_out, c_in), out=grad_w[:, i, j, :])
     return grad_w.permute(0, 3, 1, 2)
 
@@ -347,15 +350,14 @@ class _Conv2dMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         plan, stride, padding = ctx.plan, ctx.stride, ctx.padding
         grad_x = grad_w = None
-        native_input = ctx.needs_input_grad[0] and not plan.input_grad
-        native_weight = ctx.needs_input_grad[1] and plan.weight_grad == "onednn"
-        if native_input or native_weight:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-                [native_input, native_weight, False])
-        if ctx.needs_input_grad[0] and plan.input_grad:
-            grad_x = im2col_input_grad(grad_out, weight, x.shape, stride, padding)
-        if ctx.needs_input_grad[1] and plan.weight_grad != "onednn":
+        if ctx.needs_input_grad[0]:
+            if plan.input_grad:
+                grad_x = im2col_input_grad(grad_out, weight, x.shape, stride, padding)
+            else:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad_out, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                    [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
             grad_w = _WEIGHT_GRADS[plan.weight_grad](x, grad_out, tuple(weight.shape[-2:]), stride, padding)
         return grad_x, grad_w, None, None, None
 
