@@ -221,6 +221,11 @@ def throughput_section(path: Path) -> str:
     if "best_kernel_gflops" not in r["roofline"]:
         text += (f"; the file's own `roofline_fraction`, {r['roofline_fraction'] * 100:.1f}%, divided by the "
                  f"square-matmul peak ({r['roofline']['bf16_peak_gflops']:.1f} GFLOP/s), not the best kernel")
+    executed = r["roofline"].get("executed_gflop_per_step")
+    if executed and executed < r["pretrain"]["ours"]["gflop_per_step"]:
+        text += (f"; model FLOPs (every convolution counted as oneDNN's). Executed: {executed:.0f} of "
+                 f"{r['pretrain']['ours']['gflop_per_step']:.0f} GFLOP per step (Winograd), "
+                 f"{_pct(r['roofline']['executed_fraction_of_best_kernel'])} of the best kernel")
     row("of the best kernel measured in the same run", text, "roofline_fraction", achieved / best_rate)
     theo = r["roofline"].get("theoretical")
     if theo and r.get("theoretical_peak_fraction") is not None:

@@ -79,19 +79,19 @@ def test_without_avx512_an_fp32_small_conv_keeps_onednn_forward_and_input_gradie
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     weight = torch.zeros(8, 8, 3, 3, requires_grad=True)
     plan = plan_conv(torch.zeros(2, 8, 4, 4), weight, (1, 1), (1, 1), (1, 1), 1)
-    assert plan == ConvPlan(False, False, "im2col")
+    assert plan == ConvPlan("onednn", "onednn", "im2col")
 
 
 @pytest.mark.parametrize("dtype, side, stride, want", [
-    (torch.float32, 4, 1, ConvPlan(True, True, "im2col")),
-    (torch.float32, 8, 2, ConvPlan(True, True, "im2col")),        # 4x4 output, strided
-    (torch.float32, 7, 1, ConvPlan(True, True, "im2col")),        # 7x7 output
-    (torch.float32, 14, 2, ConvPlan(False, True, "im2col")),      # 7x7 output, strided: oneDNN's forward
-    (torch.float32, 16, 2, ConvPlan(False, False, "im2col")),     # 8x8 output, strided
-    (torch.float32, 32, 2, ConvPlan(False, False, "im2col")),     # 16x16 output, strided
+    (torch.float32, 4, 1, ConvPlan("im2col", "im2col", "im2col")),
+    (torch.float32, 8, 2, ConvPlan("im2col", "im2col", "im2col")),        # 4x4 output, strided
+    (torch.float32, 7, 1, ConvPlan("im2col", "im2col", "im2col")),        # 7x7 output
+    (torch.float32, 14, 2, ConvPlan("onednn", "im2col", "im2col")),      # 7x7 output, strided: oneDNN's forward
+    (torch.float32, 16, 2, ConvPlan("onednn", "onednn", "im2col")),     # 8x8 output, strided
+    (torch.float32, 32, 2, ConvPlan("onednn", "onednn", "im2col")),     # 16x16 output, strided
     (torch.float32, 8, 1, None),                                  # 8x8 output, stride 1
     (torch.float32, 34, 2, None),                                 # 17x17 output, strided
-    (torch.bfloat16, 4, 1, ConvPlan(False, False, "shifted")),
+    (torch.bfloat16, 4, 1, ConvPlan("onednn", "onednn", "shifted")),
     (torch.bfloat16, 16, 2, None),
     (torch.float64, 4, 1, None),
 ])

@@ -106,8 +106,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .conv_winograd import winograd_conv2d, winograd_input_grad, winograd_weight_grad
 
-__all__ = ["ENV_VAR", "MATMUL_MAX_OUTPUT_AREA", "MATMUL_WGRAD_MAX_STRIDED_AREA", "ConvPlan", "conv2d_matmul",
+__all__ = ["ENV_VAR", "MATMUL_MAX_OUTPUT_AREA", "MATMUL_WGRAD_MAX_STRIDED_AREA", "WINOGRAD_MAX_OUTPUT_AREA",
+           "WINOGRAD_MIN_CHANNELS", "ConvPlan", "conv2d_matmul",
            "im2col_conv2d", "im2col_input_grad", "im2col_weight_grad", "matmul_enabled_by_env", "plan_conv",
            "shifted_weight_grad"]
 
@@ -122,6 +124,12 @@ MATMUL_WGRAD_MAX_STRIDED_AREA = 256
 
 #: Largest output of a strided fp32 convolution whose forward is a product (4x4 measured faster, 7x7 slower).
 _STRIDED_FORWARD_MAX_OUTPUT_AREA = 16
+
+#: Largest output, and fewest channels (in and out), of an fp32 3x3 stride-1 convolution that runs by
+#: Winograd's F(2x2, 3x3): measured faster at 4x4, 7x7 and 8x8 with 256 and 512 channels; at 14x14 it
+#: was level with oneDNN, and with fewer channels the transforms (memory-bound) cost more than they save.
+WINOGRAD_MAX_OUTPUT_AREA = 64
+WINOGRAD_MIN_CHANNELS = 256
 
 #: ``native`` (or ``0``) keeps oneDNN's convolution everywhere; unset or ``auto`` applies the rules.
 ENV_VAR = "SIMCLRV2_CONV_MATMUL"
@@ -152,11 +160,13 @@ def matmul_enabled_by_env() -> bool:
 
 
 class ConvPlan(NamedTuple):
-    """Which passes of one convolution run as matrix products (module docstring)."""
+    """How each pass of one convolution runs (module docstring): ``"onednn"``, ``"im2col"`` (a product
+    over gathered patches), ``"shifted"`` (one product per tap, weight gradient only) or ``"winograd"``
+    (F(2x2, 3x3), :mod:`.conv_winograd`)."""
 
-    forward: bool         # im2col product instead of oneDNN's forward
-    input_grad: bool      # product + col2im instead of oneDNN's input gradient
-    weight_grad: str      # "im2col" or "shifted": every plan computes the weight gradient as products
+    forward: str
+    input_grad: str
+    weight_grad: str
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -188,17 +198,27 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
     h_out, w_out = _output_hw(x, tuple(weight.shape[-2:]), stride, padding)
     small = h_out * w_out <= MATMUL_MAX_OUTPUT_AREA
     if dtype == torch.bfloat16:
-        plan = ConvPlan(False, False, "shifted") if small else None
+        plan = ConvPlan("onednn", "onednn", "shifted") if small else None
+    elif _winograd_shape(weight, stride, padding, h_out * w_out):
+        plan = ConvPlan("winograd", "winograd", "winograd")
     elif small:
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         # the forward only at stride 1 or 4x4: oneDNN's strided forward to 7x7 was faster (211 vs 168)
         forward = avx512 and (max(stride) == 1 or h_out * w_out <= _STRIDED_FORWARD_MAX_OUTPUT_AREA)
-        plan = ConvPlan(forward, avx512, "im2col")
+        plan = ConvPlan("im2col" if forward else "onednn", "im2col" if avx512 else "onednn", "im2col")
     elif max(stride) > 1 and h_out * w_out <= MATMUL_WGRAD_MAX_STRIDED_AREA:
-        plan = ConvPlan(False, False, "im2col")
+        plan = ConvPlan("onednn", "onednn", "im2col")
     else:
         plan = None
     return plan if plan is not None and matmul_enabled_by_env() else None
+
+
+def _winograd_shape(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int], out_area: int) -> bool:
+    """Whether an fp32 convolution runs by F(2x2, 3x3): 3x3, stride 1, padding 1, an output of at most
+    8x8 (``WINOGRAD_MAX_OUTPUT_AREA``) and at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, on
+    x86 CPUs with AVX2 or AVX-512 kernels (where it was measured)."""
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and tuple(weight.shape[-2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and out_area <= WINOGRAD_MAX_OUTPUT_AREA and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS)
 
 
 def _padded_nhwc(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
@@ -330,7 +350,21 @@ def shifted_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tu
     return grad_w.permute(0, 3, 1, 2)
 
 
-_WEIGHT_GRADS = {"im2col": im2col_weight_grad, "shifted": shifted_weight_grad}
+def _onednn_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+                       stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, list(stride), list(padding), [1, 1],
+                                               False, [0, 0], 1, [True, False, False])[0]
+
+
+# Each pass by plan name; the Winograd ones hold for 3x3, stride 1, padding 1 only (_winograd_shape).
+_FORWARDS = {"onednn": lambda x, w, stride, padding: F.conv2d(x, w, None, stride, padding),
+             "im2col": im2col_conv2d,
+             "winograd": lambda x, w, stride, padding: winograd_conv2d(x, w)}
+_INPUT_GRADS = {"onednn": _onednn_input_grad,
+                "im2col": lambda grad_out, w, x, stride, padding: im2col_input_grad(grad_out, w, x.shape, stride, padding),
+                "winograd": lambda grad_out, w, x, stride, padding: winograd_input_grad(grad_out, w)}
+_WEIGHT_GRADS = {"im2col": im2col_weight_grad, "shifted": shifted_weight_grad,
+                 "winograd": lambda x, grad_out, kernel_size, stride, padding: winograd_weight_grad(x, grad_out)}
 
 
 class _Conv2dMatmul(torch.autograd.Function):
@@ -341,9 +375,7 @@ class _Conv2dMatmul(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding, ctx.plan = stride, padding, plan
         with torch.autocast(x.device.type, enabled=False):
-            if plan.forward:
-                return im2col_conv2d(x, weight, stride, padding)
-            return F.conv2d(x, weight, None, stride, padding)
+            return _FORWARDS[plan.forward](x, weight, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -351,12 +383,7 @@ class _Conv2dMatmul(torch.autograd.Function):
         plan, stride, padding = ctx.plan, ctx.stride, ctx.padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            if plan.input_grad:
-                grad_x = im2col_input_grad(grad_out, weight, x.shape, stride, padding)
-            else:
-                grad_x = torch.ops.aten.convolution_backward(
-                    grad_out, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-                    [True, False, False])[0]
+            grad_x = _INPUT_GRADS[plan.input_grad](grad_out, weight, x, stride, padding)
         if ctx.needs_input_grad[1]:
             grad_w = _WEIGHT_GRADS[plan.weight_grad](x, grad_out, tuple(weight.shape[-2:]), stride, padding)
         return grad_x, grad_w, None, None, None
