@@ -96,7 +96,8 @@ WINOGRAD = ConvPlan("winograd", "winograd", "winograd")
     (512, 7, 1, "AVX512", True),     # the last stage at 224 px
     (512, 4, 1, "AVX2", True),
     (512, 4, 1, "DEFAULT", False),   # not measured off x86 vector CPUs
-    (256, 14, 1, "AVX512", False),   # 14x14: level with oneDNN
+    (256, 14, 1, "AVX512", True),    # the third stage at 224 px
+    (256, 16, 1, "AVX512", False),   # 16x16: not measured
     (128, 4, 1, "AVX512", False),    # too few channels: the transforms cost more than they save
     (512, 8, 2, "AVX512", False),    # strided
 ])
@@ -109,7 +110,7 @@ def test_the_rule_picks_winograd_where_it_was_measured_faster(capability, channe
     assert (plan == WINOGRAD) == want_winograd, plan
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 keeps its own rule
         assert plan_conv(x, weight, (stride, stride), (1, 1), (1, 1), 1) != WINOGRAD
-    assert 7 * 7 <= WINOGRAD_MAX_OUTPUT_AREA < 14 * 14 and WINOGRAD_MIN_CHANNELS > 128
+    assert 14 * 14 <= WINOGRAD_MAX_OUTPUT_AREA < 16 * 16 and WINOGRAD_MIN_CHANNELS > 128
 
 
 def _grads(conv, x, grad_out):
@@ -141,8 +142,8 @@ def test_a_layer4_conv_runs_by_winograd_and_matches_onednn(capability, monkeypat
 
 def test_the_flop_counter_sees_four_ninths_of_the_products(capability, monkeypatch):
     """What benchmarks/throughput.py relies on to report model and executed FLOPs: with the rule on,
-    the counter sees the 16 products per tile (4/9 of the convolution's, plus the small filter
-    transforms); with ``native`` it sees the convolution's own count."""
+    the counter sees the 16 products per tile (4/9 of the convolution's) and the transforms' products;
+    with ``native`` it sees the convolution's own count."""
     from torch.utils.flop_counter import FlopCounterMode
 
     capability("AVX512")
@@ -156,5 +157,7 @@ def test_the_flop_counter_sees_four_ninths_of_the_products(capability, monkeypat
         counts[setting] = counter.get_total_flops()
     conv_flops = 3 * 2 * 4 * 16 * 256 * 256 * 9               # forward, input and weight gradient
     filter_flops = 3 * 2 * 16 * 9 * 256 * 256                 # U = (G x G) g twice, and its adjoint once
+    tiles = 4 * 2 * 2                                          # 4 images of 2x2 tiles
+    tile_flops = 3 * 2 * (16 * 16 + 16 * 4) * tiles * 256      # per pass: (B^T x B^T) in, (A^T x A^T) out or adjoint
     assert counts["native"] == conv_flops
-    assert counts["auto"] == conv_flops * 4 // 9 + filter_flops
+    assert counts["auto"] == conv_flops * 4 // 9 + filter_flops + tile_flops

@@ -126,9 +126,10 @@ MATMUL_WGRAD_MAX_STRIDED_AREA = 256
 _STRIDED_FORWARD_MAX_OUTPUT_AREA = 16
 
 #: Largest output, and fewest channels (in and out), of an fp32 3x3 stride-1 convolution that runs by
-#: Winograd's F(2x2, 3x3): measured faster at 4x4, 7x7 and 8x8 with 256 and 512 channels; at 14x14 it
-#: was level with oneDNN, and with fewer channels the transforms (memory-bound) cost more than they save.
-WINOGRAD_MAX_OUTPUT_AREA = 64
+#: Winograd's F(2x2, 3x3): measured faster at 4x4, 7x7, 8x8 and 14x14 with 256 and 512 channels (the
+#: module docstring's last table); with 128 channels the transforms (memory-bound) cost more than
+#: they save, and larger outputs were not measured.
+WINOGRAD_MAX_OUTPUT_AREA = 196
 WINOGRAD_MIN_CHANNELS = 256
 
 #: ``native`` (or ``0``) keeps oneDNN's convolution everywhere; unset or ``auto`` applies the rules.
@@ -215,7 +216,7 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
 
 def _winograd_shape(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int], out_area: int) -> bool:
     """Whether an fp32 convolution runs by F(2x2, 3x3): 3x3, stride 1, padding 1, an output of at most
-    8x8 (``WINOGRAD_MAX_OUTPUT_AREA``) and at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, on
+    14x14 (``WINOGRAD_MAX_OUTPUT_AREA``) and at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, on
     x86 CPUs with AVX2 or AVX-512 kernels (where it was measured)."""
     return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and tuple(weight.shape[-2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and out_area <= WINOGRAD_MAX_OUTPUT_AREA and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS)
