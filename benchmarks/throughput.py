@@ -48,6 +48,15 @@ machine all of them see the same background load.  Background load only ever ADD
 headline figures use the fastest round of each (``min``, as ``timeit`` recommends); medians and
 every raw time are in the JSON.
 
+Two phases. The main rounds time ``ours``, ``ours_memory``, both lightly workers, the augmentation
+and the probes: the headline figures and every target. Then the ablations (``ours_compiled``,
+``ours_native_conv``, the malloc variants) run one at a time, each in its own worker interleaved
+round by round with ``ours`` alone, and each ratio is taken against ``ours`` in those same rounds
+(``ours_beside_it``). Why not all at once: with six workers of about 3.5 GB alive on the 24-GB
+``intel-avx512`` host, our step ran 8.13 s (fastest of 2 rounds) where it ran 6.94 s with four
+(``--no-compiled --no-ablate-conv-matmul``), while lightly's steps were unchanged (11.28 vs 11.06 s):
+a machine near its memory limit slowed one variant and not the other.
+
 Roofline: FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one full step of
 each network (its first warm-up step): forward + backward convolutions and matrix products;
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
@@ -818,13 +827,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     probe = choose_precision(probe_cfg.precision, torch.device("cpu"), probe_shape(probe_cfg))
     say(f"precision auto: {probe.describe()}")
     variants = ["ours", "ours_memory"] + (["lightly", "lightly_best"] if peer_version else [])
-    if args.ablate_malloc:
-        variants[1:1] = ["ours_glibc_kept", "ours_glibc"]
-    if args.ablate_conv_matmul:
-        variants.insert(1, "ours_native_conv")
     compiled = args.compiled if args.compiled is not None else cpp_compiler() is not None
-    if compiled:
-        variants.insert(1, "ours_compiled")
+    # The ablations run after the main rounds, one at a time beside ``ours`` (module docstring: two phases).
+    ablations = (["ours_compiled"] if compiled else []) + (["ours_native_conv"] if args.ablate_conv_matmul else []) \
+        + (["ours_glibc_kept", "ours_glibc"] if args.ablate_malloc else [])
     say(f"starting workers: {', '.join(variants)} (batch {batch}) ...")
     workers = {v: Worker(v, batch, args.threads, peer_best) for v in variants}
     augment = OursAugment(batch)  # this process gets the same runtime settings as our worker
@@ -897,9 +903,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, w in workers.items():
         if name in counting and w.flops is None:
             w.step_counting_flops()
-    memory = {name: w.finish() for name, w in workers.items()}
+    memory = {name: w.finish() for name, w in workers.items() if name != "ours"}
     losses = {name: w.last_loss for name, w in workers.items()}
     peer = "lightly" in workers
+
+    # Ablation phase: each ablation in its own worker, interleaved round by round with ``ours`` alone,
+    # once the main rounds' other workers have ended (module docstring: two phases).
+    t_phase = time.perf_counter()
+    ablation_times: dict[str, dict[str, list[float]]] = {}
+    for name in ablations:
+        available_bytes = available_memory(torch.device("cpu"))
+        needed = memory_needed_mb(first_growth, 1)
+        if available_bytes is not None and needed > available_bytes / 2**20:
+            left_out[name] = (f"left out for memory: its worker would need about {needed:.0f} MB beside ours, "
+                              f"{available_bytes / 2**20:.0f} MB was available")
+            say(f"{name} {left_out[name]}")
+            continue
+        say(f"ablation {name}: {args.warmup} warm-up + {args.steps} timed rounds beside ours ...")
+        worker = Worker(name, batch, args.threads, peer_best)
+        worker.ready()
+        pair_warmup: dict[str, list[float]] = {}
+        ablation_times[name] = interleaved({"ours": workers["ours"].step, name: worker.step}, args.warmup,
+                                           args.steps, log=say, warmup_times=pair_warmup)
+        warmup_times[name] = pair_warmup.get(name, [])
+        memory[name] = worker.finish()
+        losses[name] = worker.last_loss
+        workers[name] = worker
+    phases["ablations"] = time.perf_counter() - t_phase
+    memory["ours"] = workers["ours"].finish()
+    losses["ours"] = workers["ours"].last_loss
 
     # Augmentation vs torchvision, one thread ("per core"), via benchmarks/augment_speed.py.
     say("augmentation vs torchvision (1 thread) ...")
@@ -1008,29 +1040,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_incl_augment": {"seconds_per_step": best["ours"] + step_aug,
                               "images_per_s": batch / (best["ours"] + step_aug)},
         "final_loss": losses,
-        "raw_seconds": times,
+        "raw_seconds": {**times, **{f"{name} (ablation phase)": t for name, t in ablation_times.items()}},
     }
-    if "ours_compiled" in workers:
+    def ablation(variant: str) -> tuple[dict[str, Any], float, float]:
+        """An ablation's stats, and our step over its own rounds (min ratio, paired median ratio)."""
+        t = ablation_times[variant]
+        return ({**stats(t[variant]), "images_per_s": batch / min(t[variant]),
+                 "ours_beside_it": stats(t["ours"])},
+                min(t[variant]) / min(t["ours"]), paired_ratio(t[variant], t["ours"]))
+
+    if "ours_compiled" in ablation_times:
+        entry, slower, paired = ablation("ours_compiled")
         results["pretrain"]["ours_compiled"] = {
-            **stats(times["ours_compiled"]), "images_per_s": batch / best["ours_compiled"],
-            "speedup_vs_eager": best["ours"] / best["ours_compiled"],
-            "speedup_vs_eager_paired_median": paired_ratio(times["ours"], times["ours_compiled"]),
+            **entry, "speedup_vs_eager": 1.0 / slower, "speedup_vs_eager_paired_median": 1.0 / paired,
             "first_warmup_round_s": (warmup_times.get("ours_compiled") or [None])[0],
             "note": "torch.compile(net) as --compile does; the first warm-up round includes the compilation"}
-    if "ours_native_conv" in workers:
+    if "ours_native_conv" in ablation_times:
+        entry, slower, paired = ablation("ours_native_conv")
         results["pretrain"]["ours_native_conv"] = {
-            **stats(times["ours_native_conv"]), "images_per_s": batch / best["ours_native_conv"],
-            "ours_speedup_from_matmul_conv": best["ours_native_conv"] / best["ours"],
-            "ours_speedup_from_matmul_conv_paired_median": paired_ratio(times["ours_native_conv"], times["ours"]),
+            **entry, "ours_speedup_from_matmul_conv": slower, "ours_speedup_from_matmul_conv_paired_median": paired,
             "note": f"{CONV_MATMUL_ENV}=native: oneDNN for every pass of every convolution "
                     "(see simclrv2.models.conv_matmul)"}
     for variant, key in (("ours_glibc", "ours_glibc_malloc"), ("ours_glibc_kept", "ours_glibc_kept_malloc")):
-        if variant in workers:
+        if variant in ablation_times:
+            entry, slower, paired = ablation(variant)
             results["pretrain"][key] = {
-                **stats(times[variant]), "images_per_s": batch / best[variant],
-                "allocator": workers[variant].info.get("allocator"),
-                "ours_speedup_from_malloc_setting": best[variant] / best["ours"],
-                "ours_speedup_from_malloc_setting_paired_median": paired_ratio(times[variant], times["ours"])}
+                **entry, "allocator": workers[variant].info.get("allocator"),
+                "ours_speedup_from_malloc_setting": slower,
+                "ours_speedup_from_malloc_setting_paired_median": paired}
     results["kernel_probes"] = {"probes": probes, "best_per_precision": best_kernel,
                                 "bf16_emulated_probe": emulated_bf16,
                                 "conv_shapes": [dict(zip(("name", "batch", "channels", "side"), c))

@@ -1,4 +1,5 @@
-"""Convolutions as matrix products where oneDNN is slow on the CPU: small outputs, strided weight gradients (issue #17).
+"""Convolutions as matrix products where oneDNN is slow on the CPU: small outputs, strided weight gradients,
+and by Winograd where channels are many and outputs small (issue #17).
 
 Why: on CPU the convolution backward is done by oneDNN. Its weight-gradient kernel
 (``brgconv_bwd_w``) reduces over ``N * H_out * W_out`` and is slow when the output is small.
@@ -75,10 +76,35 @@ host itself was not measured), oneDNN/ours at batch 512 were: forward 114/164 at
 (The shifted products of the first table reached 233, 211, 189, 145, 154 and 103 GFLOP/s for the
 weight gradients of the first six rows: gathering the patches once is faster in fp32.)
 
+With those passes, every 3x3 convolution of the step ran at 250-300 GFLOP/s, near the best matrix
+product, so the last stages got faster only by doing fewer multiplications: Winograd's F(2x2, 3x3)
+(:mod:`.conv_winograd`, 16 products per 2x2 outputs instead of 36). Same host, fp32, channels_last,
+stride 1, "effective" GFLOP/s (the convolution's FLOPs over the time), fastest of 4 interleaved rounds,
+oneDNN / im2col / Winograd:
+
+  ===========================  =============  =============  =============
+  shape (N, C -> C, H)         fwd            in             w
+  ===========================  =============  =============  =============
+  512, 512 -> 512, 4 px        156/196/351    158/210/364    139/229/397
+  512, 256 -> 256, 8 px        279/196/345    220/228/346    228/180/277
+  128, 512 -> 512, 7 px        243/249/330    240/262/263    218/236/294
+  128, 256 -> 256, 14 px       279/164/283    230/188/278    228/163/286
+  512, 128 -> 128, 16 px       237/123/198    244/145/212    193/131/187
+  64, 128 -> 128, 28 px        240/123/198    222/135/194    223/128/192
+  ===========================  =============  =============  =============
+
+With 128 channels the transforms (memory-bound) cost more than the products save. Under the AVX2 cap
+above (an earlier version of the transforms), Winograd won by more: 260/303/277 against oneDNN's
+162/164/115 at 4x4x512, and 218/237/217 against 190/190/142 at 8x8x256. On the whole step at batch 256
+(``SIMCLRV2_CONV_MATMUL`` rules with and without Winograd, 5 interleaved rounds): 6.97 vs 7.94 s.
+
 So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wanted, grad mode on),
 3x3 or larger kernels, no groups or dilation, not while compiling or tracing:
 
-* **fp32**: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
+* **fp32, 3x3, stride 1, padding 1, at least 256 channels in and out, output at most 14x14**
+  (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MAX_OUTPUT_AREA``), on x86 CPUs with AVX2 or AVX-512 kernels:
+  all three passes by Winograd's F(2x2, 3x3);
+* **fp32**, otherwise: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
   product, and on CPUs where PyTorch runs AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``)
   the input gradient too, and the forward where the stride is 1 or the output at most 4x4 (oneDNN's
   strided forward to 7x7 was the faster one above); a strided convolution with an output of at most

@@ -28,6 +28,7 @@ import torch
 
 from simclrv2.config import Config, parse_arch_cheap
 from simclrv2.errors import ConfigError, Terminated
+from simclrv2.models.conv_matmul import ENV_VAR as CONV_MATMUL_ENV
 from simclrv2.models.conv_matmul import matmul_enabled_by_env
 from simclrv2.utils import distributed as dist_utils
 from simclrv2.utils import precision_probe
@@ -164,7 +165,12 @@ def choose_compile(requested: bool | None, device: torch.device, run_steps: int,
     ``--compile`` / ``--no-compile`` decide; a CPU run without a C++ compiler cannot compile, so asking
     for it is a ConfigError before any training. Unset (auto): on a CPU, on when the stage trains at
     least :data:`COMPILE_MIN_IMAGES` images over at least :data:`COMPILE_MIN_STEPS` steps in fp32 and a
-    compiler is installed (in bf16 autocast no gain was measured, see :data:`COMPILE_MIN_IMAGES`); on CUDA, off (not measured on a GPU yet; ``--compile`` turns it on). Compiled steps are
+    compiler is installed (in bf16 autocast no gain was measured, see :data:`COMPILE_MIN_IMAGES`), and
+    only with ``SIMCLRV2_CONV_MATMUL=native``: by default eager fp32 runs some convolution passes as
+    matrix products or by Winograd (:mod:`simclrv2.models.conv_matmul`), which a compiled network does
+    not (it sees oneDNN's plain convolution), and the compiled step measured 0.72x eager on the
+    ``intel-avx512`` host (``benchmarks/results/throughput-intel-avx512-quick.json``, issue #17). On
+    CUDA, off (not measured on a GPU yet; ``--compile`` turns it on). Compiled steps are
     numerically close to eager ones, not bit-identical (fused kernels reorder sums)."""
     if requested is False:
         return CompileChoice(False, "--no-compile")
@@ -179,6 +185,11 @@ def choose_compile(requested: bool | None, device: torch.device, run_steps: int,
     if precision != "fp32":
         return CompileChoice(False, f"auto: off in {precision} (no faster step measured compiled in bf16 on a "
                                     "CPU); --compile forces it")
+    if matmul_enabled_by_env():
+        return CompileChoice(False, f"auto: off while the matrix-product and Winograd convolutions are on "
+                                    f"(compiling runs oneDNN's plain ones instead: measured 0.72x eager on an "
+                                    f"AVX-512 Xeon in fp32); --compile forces it, {CONV_MATMUL_ENV}=native lets "
+                                    "auto compile long runs")
     images = run_steps * images_per_step
     if images < COMPILE_MIN_IMAGES or run_steps < COMPILE_MIN_STEPS:
         return CompileChoice(False, f"auto: {images:,} training images are too few to repay the compiler's "
