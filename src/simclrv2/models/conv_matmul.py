@@ -77,33 +77,39 @@ host itself was not measured), oneDNN/ours at batch 512 were: forward 114/164 at
 weight gradients of the first six rows: gathering the patches once is faster in fp32.)
 
 With those passes, every 3x3 convolution of the step ran at 250-300 GFLOP/s, near the best matrix
-product, so the last stages got faster only by doing fewer multiplications: Winograd's F(2x2, 3x3)
-(:mod:`.conv_winograd`, 16 products per 2x2 outputs instead of 36). Same host, fp32, channels_last,
-stride 1, "effective" GFLOP/s (the convolution's FLOPs over the time), fastest of 4 interleaved rounds,
-oneDNN / im2col / Winograd:
+product, so the stages got faster only by doing fewer multiplications: Winograd's F(m x m, 3 x 3)
+(:mod:`.conv_winograd`; m = 2: 16 products per 2x2 outputs instead of 36; m = 4: 36 per 4x4 instead of
+144). Same host, fp32, channels_last, stride 1, "effective" GFLOP/s (the convolution's FLOPs over the
+time), fastest of 4 interleaved rounds, oneDNN / F(2x2) / F(4x4):
 
   ===========================  =============  =============  =============
   shape (N, C -> C, H)         fwd            in             w
   ===========================  =============  =============  =============
-  512, 512 -> 512, 4 px        156/196/351    158/210/364    139/229/397
-  512, 256 -> 256, 8 px        279/196/345    220/228/346    228/180/277
-  128, 512 -> 512, 7 px        243/249/330    240/262/263    218/236/294
-  128, 256 -> 256, 14 px       279/164/283    230/188/278    228/163/286
-  512, 128 -> 128, 16 px       237/123/198    244/145/212    193/131/187
-  64, 128 -> 128, 28 px        240/123/198    222/135/194    223/128/192
+  512, 512 -> 512, 4 px        222/459/668    219/462/665    175/412/594
+  512, 256 -> 256, 8 px        290/357/534    292/363/520    252/334/494
+  128, 256 -> 256, 16 px       277/349/516    279/354/510    280/317/457
+  128, 512 -> 512, 7 px        253/356/501    252/352/500    225/315/438
+  128, 256 -> 256, 14 px       325/372/404    324/364/405    278/333/354
+  512, 128 -> 128, 16 px       299/257/360    307/255/357    284/244/333
+  512, 128 -> 128, 8 px        264/256/351    262/253/349    249/236/316
+  64, 128 -> 128, 28 px        302/253/378    301/260/370    307/252/338
+  512, 64 -> 64, 32 px         299/161/203    292/150/200    270/137/188
+  32, 64 -> 64, 56 px          302/156/214    287/154/230    285/136/176
   ===========================  =============  =============  =============
 
-With 128 channels the transforms (memory-bound) cost more than the products save. Under the AVX2 cap
-above (an earlier version of the transforms), Winograd won by more: 260/303/277 against oneDNN's
-162/164/115 at 4x4x512, and 218/237/217 against 190/190/142 at 8x8x256. On the whole step at batch 256
-(``SIMCLRV2_CONV_MATMUL`` rules with and without Winograd, 5 interleaved rounds): 6.97 vs 7.94 s.
+(7x7 and 14x14 compute 8x8 and 16x16 and crop.) With 64 channels the transforms, memory-bound, cost
+more than the products save. An earlier run of the F(2x2) rows on a busier machine gave oneDNN
+156/158/139 and F(2x2) 351/364/397 at 4x4x512. Under the AVX2 cap above (an earlier version of the
+F(2x2) transforms), F(2x2) won by more: 260/303/277 against oneDNN's 162/164/115 at 4x4x512, and
+218/237/217 against 190/190/142 at 8x8x256. On the whole step at batch 256, 4 interleaved rounds in one
+process: 6.17 s with the Winograd rule, 7.54 s without (1.22x, paired median 1.26x).
 
 So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wanted, grad mode on),
 3x3 or larger kernels, no groups or dilation, not while compiling or tracing:
 
-* **fp32, 3x3, stride 1, padding 1, at least 256 channels in and out, output at most 14x14**
-  (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MAX_OUTPUT_AREA``), on x86 CPUs with AVX2 or AVX-512 kernels:
-  all three passes by Winograd's F(2x2, 3x3);
+* **fp32, 3x3, stride 1, padding 1, at least 128 channels in and out, output from 4x4 to 28x28**
+  (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_SIDE``, ``WINOGRAD_MAX_OUTPUT_AREA``), on x86 CPUs with
+  AVX2 or AVX-512 kernels: all three passes by Winograd's F(4x4, 3x3);
 * **fp32**, otherwise: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
   product, and on CPUs where PyTorch runs AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``)
   the input gradient too, and the forward where the stride is 1 or the output at most 4x4 (oneDNN's
@@ -135,7 +141,7 @@ from ..errors import ConfigError
 from .conv_winograd import winograd_conv2d, winograd_input_grad, winograd_weight_grad
 
 __all__ = ["ENV_VAR", "MATMUL_MAX_OUTPUT_AREA", "MATMUL_WGRAD_MAX_STRIDED_AREA", "WINOGRAD_MAX_OUTPUT_AREA",
-           "WINOGRAD_MIN_CHANNELS", "ConvPlan", "conv2d_matmul",
+           "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_SIDE", "ConvPlan", "conv2d_matmul",
            "im2col_conv2d", "im2col_input_grad", "im2col_weight_grad", "matmul_enabled_by_env", "plan_conv",
            "shifted_weight_grad"]
 
@@ -152,11 +158,12 @@ MATMUL_WGRAD_MAX_STRIDED_AREA = 256
 _STRIDED_FORWARD_MAX_OUTPUT_AREA = 16
 
 #: Largest output, and fewest channels (in and out), of an fp32 3x3 stride-1 convolution that runs by
-#: Winograd's F(2x2, 3x3): measured faster at 4x4, 7x7, 8x8 and 14x14 with 256 and 512 channels (the
-#: module docstring's last table); with 128 channels the transforms (memory-bound) cost more than
-#: they save, and larger outputs were not measured.
-WINOGRAD_MAX_OUTPUT_AREA = 196
-WINOGRAD_MIN_CHANNELS = 256
+#: Winograd (F(4x4, 3x3) where both output sides are at least 4, ``WINOGRAD_MIN_SIDE``): measured faster
+#: than oneDNN from 4x4 to 28x28 with 128 to 512 channels (the module docstring's last table); with 64
+#: channels the transforms (memory-bound) cost more than they save, and larger outputs were not measured.
+WINOGRAD_MAX_OUTPUT_AREA = 28 * 28
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_SIDE = 4
 
 #: ``native`` (or ``0``) keeps oneDNN's convolution everywhere; unset or ``auto`` applies the rules.
 ENV_VAR = "SIMCLRV2_CONV_MATMUL"
@@ -226,7 +233,7 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
     small = h_out * w_out <= MATMUL_MAX_OUTPUT_AREA
     if dtype == torch.bfloat16:
         plan = ConvPlan("onednn", "onednn", "shifted") if small else None
-    elif _winograd_shape(weight, stride, padding, h_out * w_out):
+    elif _winograd_shape(weight, stride, padding, (h_out, w_out)):
         plan = ConvPlan("winograd", "winograd", "winograd")
     elif small:
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -240,12 +247,14 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
     return plan if plan is not None and matmul_enabled_by_env() else None
 
 
-def _winograd_shape(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int], out_area: int) -> bool:
-    """Whether an fp32 convolution runs by F(2x2, 3x3): 3x3, stride 1, padding 1, an output of at most
-    14x14 (``WINOGRAD_MAX_OUTPUT_AREA``) and at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, on
-    x86 CPUs with AVX2 or AVX-512 kernels (where it was measured)."""
-    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and tuple(weight.shape[-2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
-            and out_area <= WINOGRAD_MAX_OUTPUT_AREA and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS)
+def _winograd_shape(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                    out_hw: tuple[int, int]) -> bool:
+    """Whether an fp32 convolution runs by Winograd: 3x3, stride 1, padding 1, an output of at most 28x28
+    (``WINOGRAD_MAX_OUTPUT_AREA``) and at least 4 on a side, at least ``WINOGRAD_MIN_CHANNELS`` channels
+    in and out, on x86 CPUs with AVX2 or AVX-512 kernels (where it was measured)."""
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and tuple(weight.shape[-2:]) == (3, 3)
+            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and min(out_hw) >= WINOGRAD_MIN_SIDE
+            and out_hw[0] * out_hw[1] <= WINOGRAD_MAX_OUTPUT_AREA and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS)
 
 
 def _padded_nhwc(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
