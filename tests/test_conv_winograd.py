@@ -174,3 +174,22 @@ def test_the_flop_counter_sees_the_winograd_products_and_transforms(capability, 
     tile_flops = 3 * 2 * (36 * 36 + 36 * 16) * tiles * 256     # per pass: (B^T x B^T) in, (A^T x A^T) out or adjoint
     assert counts["native"] == conv_flops
     assert counts["auto"] == conv_flops // 4 + filter_flops + tile_flops
+
+
+def test_inference_takes_the_winograd_forward_too(capability, monkeypatch):
+    """Evaluation, prediction, the kNN monitor and the distillation teacher run without gradients:
+    the same rule gives them the Winograd forward (no autograd node is recorded), within fp32
+    rounding of oneDNN's; with ``native`` they get oneDNN's."""
+    capability("AVX512")
+    torch.manual_seed(0)
+    conv = Conv2dFixedPadding(128, 128, 3, 1).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(4, 128, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert plan_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) == WINOGRAD
+        fast = conv(x)
+        monkeypatch.setenv(ENV_VAR, "native")
+        assert plan_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) is None
+        ref = conv(x)
+    assert fast.grad_fn is None and fast.is_contiguous(memory_format=torch.channels_last)
+    rel = ((fast - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-5, rel

@@ -233,7 +233,9 @@ def test_every_output_view_is_scriptable_and_equals_eager(models, kind):
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.script(view)
         with torch.no_grad():
-            assert torch.equal(scripted(x), view(x)), name
+            # to fp32 rounding, not bit for bit: eager inference may run a 3x3 convolution by Winograd
+            # (simclrv2.models.conv_matmul), a scripted network runs oneDNN's
+            torch.testing.assert_close(scripted(x), view(x), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_export_above_tolerance_fails_and_removes_the_file(models, tmp_path):

@@ -104,12 +104,16 @@ F(2x2) transforms), F(2x2) won by more: 260/303/277 against oneDNN's 162/164/115
 218/237/217 against 190/190/142 at 8x8x256. On the whole step at batch 256, 4 interleaved rounds in one
 process: 6.17 s with the Winograd rule, 7.54 s without (1.22x, paired median 1.26x).
 
-So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wanted, grad mode on),
-3x3 or larger kernels, no groups or dilation, not while compiling or tracing:
+So the rules (:func:`plan_conv`), on the CPU, for 3x3 or larger kernels, no groups or dilation, not
+while compiling or tracing:
 
 * **fp32, 3x3, stride 1, padding 1, at least 128 channels in and out, output from 4x4 to 28x28**
   (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_SIDE``, ``WINOGRAD_MAX_OUTPUT_AREA``), on x86 CPUs with
-  AVX2 or AVX-512 kernels: all three passes by Winograd's F(4x4, 3x3);
+  AVX2 or AVX-512 kernels: all three passes by Winograd's F(4x4, 3x3), in inference as well
+  (evaluation, prediction, the kNN monitor, a distillation teacher: the forward alone);
+
+and for training only (weight gradient wanted, grad mode on):
+
 * **fp32**, otherwise: output at most 7x7 (``MATMUL_MAX_OUTPUT_AREA``): the weight gradient as an im2col
   product, and on CPUs where PyTorch runs AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``)
   the input gradient too, and the forward where the stride is 1 or the output at most 4x4 (oneDNN's
@@ -118,12 +122,12 @@ So the rules (:func:`plan_conv`), for training on the CPU (weight gradient wante
 * **bf16** (autocast): output at most 7x7: the weight gradient as the shifted products (measured
   above on ``intel-amx``); forward and input gradient stay oneDNN's (im2col is unmeasured in bf16).
 
-Everything else, and CUDA, fp64, inference, ``torch.compile`` and export, is oneDNN's plain
-convolution. The rules were measured on the hosts named above; on another host
+Everything else, and CUDA, fp64, inference other than Winograd's, ``torch.compile`` and export, is
+oneDNN's plain convolution. The rules were measured on the hosts named above; on another host
 ``benchmarks/throughput.py --ablate-conv-matmul`` times the step with and without them
 (``SIMCLRV2_CONV_MATMUL=native`` turns them off). The results are the same sums in another order:
-they match the convolution to rounding (``tests/test_conv_matmul.py`` checks float64 exactly and
-the network's gradients against oneDNN's). ``torch.nn.functional.unfold`` gathers patches too, but
+they match the convolution to rounding (``tests/test_conv_matmul.py`` and ``tests/test_conv_winograd.py``
+check float64 exactly, and the network's fp32 gradients against float64 as accurate as oneDNN's). ``torch.nn.functional.unfold`` gathers patches too, but
 in NCHW order (columns ``C_in*kh*kw``, rows last), which would need a transposing copy before the
 product in a channels_last network; the strided copies here write the product's layout directly.
 """
@@ -220,7 +224,7 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
               dilation: tuple[int, int], groups: int) -> ConvPlan | None:
     """The passes of ``F.conv2d(x, weight, ...)`` that :func:`conv2d_matmul` should run as matrix
     products, or None for oneDNN's plain convolution (the rules of the module docstring)."""
-    if x.device.type != "cpu" or x.dim() != 4 or not weight.requires_grad or not torch.is_grad_enabled():
+    if x.device.type != "cpu" or x.dim() != 4:
         return None
     if groups != 1 or tuple(dilation) != (1, 1) or min(weight.shape[-2:]) < 3:
         return None
@@ -231,10 +235,13 @@ def plan_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], pa
         return None
     h_out, w_out = _output_hw(x, tuple(weight.shape[-2:]), stride, padding)
     small = h_out * w_out <= MATMUL_MAX_OUTPUT_AREA
-    if dtype == torch.bfloat16:
+    training = weight.requires_grad and torch.is_grad_enabled()
+    if dtype == torch.float32 and _winograd_shape(weight, stride, padding, (h_out, w_out)):
+        plan = ConvPlan("winograd", "winograd", "winograd")  # in inference too: the forward was faster
+    elif not training:
+        plan = None
+    elif dtype == torch.bfloat16:
         plan = ConvPlan("onednn", "onednn", "shifted") if small else None
-    elif _winograd_shape(weight, stride, padding, (h_out, w_out)):
-        plan = ConvPlan("winograd", "winograd", "winograd")
     elif small:
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         # the forward only at stride 1 or 4x4: oneDNN's strided forward to 7x7 was faster (211 vs 168)
