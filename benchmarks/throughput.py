@@ -75,7 +75,8 @@ machine showed in this run); ``theoretical_peak_fraction`` = our FLOP/s / (cores
 FLOP/cycle of the ISA oneDNN uses: AVX2, AVX-512, AVX-512-BF16, AMX), see ``theoretical_peaks``.
 
 Host: the JSON records CPU model/family/flags, threads, oneDNN version, ISA and the kernels it
-picks (``amx_in_use``), torch version, and the load average before and after. A run is marked BUSY
+picks (``amx_in_use``), torch version, the load average before and after, and the CPU time the
+hypervisor stole from this virtual machine in each phase (``cpu_steal``). A run is marked BUSY
 when other processes used more than 25% of the CPUs in the 3 s before it (``machine_busy_before``):
 absolute times inflated, interleaved ratios less so. Results go
 to ``results/throughput-<host kind>[-quick].json``, one file per host kind.
@@ -775,6 +776,23 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return sum(fields) - idle, sum(fields)
 
 
+def cpu_steal_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies over all CPUs from ``/proc/stat``: on a virtual machine, the time the
+    hypervisor ran something else on this guest's CPUs (None off Linux or where not reported)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) > 7 else None
+
+
+def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The fraction of CPU time stolen by the hypervisor between two :func:`cpu_steal_ticks` readings."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return round((end[0] - start[0]) / (end[1] - start[1]), 4)
+
+
 def other_cpu_use(seconds: float = 3.0) -> float | None:
     """The fraction of all CPUs busy while this process sleeps for ``seconds``: what other processes
     use right before a benchmark starts. The 1-minute load average lags by minutes (a benchmark that
@@ -897,8 +915,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_phase = time.perf_counter()
     say(f"{args.warmup} warm-up + {args.steps} timed rounds of {', '.join(fns)} ...")
     warmup_times: dict[str, list[float]] = {}
+    steal_start = cpu_steal_ticks()
     times = interleaved(fns, args.warmup, args.steps, log=say, first_call=counting if args.warmup else None,
                         warmup_times=warmup_times)
+    steal = {"main_rounds": steal_fraction(steal_start, cpu_steal_ticks())}
     phases["rounds"] = time.perf_counter() - t_phase
     for name, w in workers.items():
         if name in counting and w.flops is None:
@@ -910,6 +930,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Ablation phase: each ablation in its own worker, interleaved round by round with ``ours`` alone,
     # once the main rounds' other workers have ended (module docstring: two phases).
     t_phase = time.perf_counter()
+    steal_start = cpu_steal_ticks()
     ablation_times: dict[str, dict[str, list[float]]] = {}
     for name in ablations:
         available_bytes = available_memory(torch.device("cpu"))
@@ -930,6 +951,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         losses[name] = worker.last_loss
         workers[name] = worker
     phases["ablations"] = time.perf_counter() - t_phase
+    steal["ablations"] = steal_fraction(steal_start, cpu_steal_ticks()) if ablations else None
     memory["ours"] = workers["ours"].finish()
     losses["ours"] = workers["ours"].last_loss
 
@@ -1017,6 +1039,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "host_kind": host["host_kind"], "host": host,
         "load_average": load_after, "load_average_before": load_before, "load_average_after": load_after,
         "machine_busy": busy, "other_cpu_use_before": cpu_used_before, "busy_rule": busy_rule,
+        "cpu_steal": {**steal, "note": "fraction of CPU time the hypervisor gave to other guests during each "
+                                       "phase (/proc/stat steal); it slows whatever ran then"},
         "note": (f"BUSY machine: {busy_rule}; load average before {load_before}, after {load_after} on "
                  f"{os.cpu_count()} CPUs; variants were interleaved round by round so ratios stay comparable, "
                  "absolute times are inflated") if busy else
@@ -1123,7 +1147,9 @@ def render_table(r: dict[str, Any]) -> str:
         f"AMX {'in use' if env['host']['onednn'].get('amx_in_use') else 'not used'}"
         + (f"; {env['host']['amx_permission']['note']}" if env["host"].get("amx_permission") else "") + "), "
         f"torch {env['torch']}, {c['threads']} threads, lightly {env['lightly'] or 'not installed'}",
-        f"load average before {env['load_average_before']}, after {env['load_average_after']}: {env['note']}",
+        f"load average before {env['load_average_before']}, after {env['load_average_after']}: {env['note']}"
+        + "".join(f"; CPU time stolen by the hypervisor in the {k.replace('_', ' ')}: {100 * v:.1f}%"
+                  for k, v in (env.get("cpu_steal") or {}).items() if k != "note" and v is not None),
         f"--precision auto: {r['precision_probe']['precision']} ({r['precision_probe']['reason']}"
         + "".join(f", {k} {v:.1f} img/s" for k, v in r["precision_probe"]["images_per_s"].items()) + ")",
         f"{c['arch']} CIFAR stem, {c['image_size']} px, batch {c['batch_size']} ({c['views_per_step']} views); "
