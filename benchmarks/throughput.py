@@ -549,7 +549,9 @@ def stage_benchmarks(batch: int, rounds: int) -> dict[str, Any]:
     """Images/s of one step (or one inference batch) of each later stage, built from the same pieces
     the stage uses (``setup_runtime``/``make_runtime``, ``prepare_model``, ``build_optimizer``,
     autocast, ``optimizer_step``, ``mixed_distillation_loss``), against a plain PyTorch loop on the
-    same network: fp32, NCHW, ``torch.optim.SGD``, ``F.cross_entropy``. Pre-made inputs (no data
+    same network: fp32, NCHW, ``torch.optim.SGD``, ``F.cross_entropy`` and PyTorch's own convolutions
+    (``SIMCLRV2_CONV_MATMUL=native`` for its steps: our layers' matrix-product and Winograd passes are
+    part of what is compared). Pre-made inputs (no data
     loading or augmentation); interleaved round by round in this process; fastest round.
     Prediction uses ``simclrv2.inference.runner.make_runtime`` (what ``simclrv2 predict`` runs);
     its model forward is the network's eval forward, as here."""
@@ -598,16 +600,17 @@ def stage_benchmarks(batch: int, rounds: int) -> dict[str, Any]:
         teacher = net(3).eval().requires_grad_(False) if distill else None
 
         def step() -> None:
-            logits = student(x)["logits"]
-            if teacher is not None:
-                with torch.no_grad():
-                    target = F.softmax(teacher(x)["logits"] / 0.1, dim=1)
-                loss = -(target * F.log_softmax(logits / 0.1, dim=1)).sum(1).mean()
-            else:
-                loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with _conv_matmul_env("native"):   # PyTorch's own convolutions (our network's layers would not be)
+                logits = student(x)["logits"]
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = F.softmax(teacher(x)["logits"] / 0.1, dim=1)
+                    loss = -(target * F.log_softmax(logits / 0.1, dim=1)).sum(1).mean()
+                else:
+                    loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         return step
 
     def ours_infer(rt) -> Callable[[], None]:
@@ -623,7 +626,7 @@ def stage_benchmarks(batch: int, rounds: int) -> dict[str, Any]:
         model = net(3).eval()
 
         def forward() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), _conv_matmul_env("native"):
                 model(x)["logits"]
         return forward
 
@@ -634,7 +637,8 @@ def stage_benchmarks(batch: int, rounds: int) -> dict[str, Any]:
            "predict_ours": timed(ours_infer(make_runtime("cpu", "auto"))), "predict_plain": timed(plain_infer())}
     times = interleaved(fns, 1, rounds)
     out: dict[str, Any] = {"batch": batch, "rounds": rounds, "image_size": IMAGE_SIZE, "arch": ARCH,
-                           "precision": eval_rt.precision, "plain": "fp32, NCHW, SGD, F.cross_entropy",
+                           "precision": eval_rt.precision,
+                           "plain": "fp32, NCHW, SGD, F.cross_entropy, oneDNN convolutions (SIMCLRV2_CONV_MATMUL=native)",
                            "statistic": "min over rounds"}
     for stage in ("finetune", "distill", "evaluate", "predict"):
         ours, plain = min(times[f"{stage}_ours"]), min(times[f"{stage}_plain"])
