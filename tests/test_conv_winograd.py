@@ -12,8 +12,8 @@ from simclrv2.models.conv_matmul import (ENV_VAR, WINOGRAD_MAX_OUTPUT_AREA, WINO
                                          WINOGRAD_MIN_SIDE, ConvPlan, plan_conv)
 from simclrv2.models.conv_winograd import output_tile, winograd_conv2d, winograd_input_grad, winograd_weight_grad
 from simclrv2.models.layers import Conv2dFixedPadding
+from test_conv_matmul import MATMUL_GRAD_FN, _fp32_grads
 
-MATMUL_GRAD_FN = "_Conv2dMatmulBackward"
 
 SHAPES = [
     (3, 5, 4, 4),     # the last stage at 32 px: one 2x2 grid of tiles
@@ -126,14 +126,6 @@ def test_the_rule_picks_winograd_where_it_was_measured_faster(capability, channe
     assert WINOGRAD_MIN_SIDE == 4
 
 
-def _grads(conv, x, grad_out):
-    conv.zero_grad()
-    leaf = x.clone().requires_grad_()
-    y = conv(leaf)
-    y.backward(grad_out)
-    return y, leaf.grad, conv.weight.grad.clone()
-
-
 def test_a_layer4_conv_runs_by_winograd_and_matches_onednn(capability, monkeypatch):
     """The network's layer: fp32, 256 channels at 4x4, all three passes by Winograd (the autograd node
     says which path ran), each within fp32 rounding of oneDNN's (F(4x4, 3x3): a few 1e-6)."""
@@ -143,10 +135,10 @@ def test_a_layer4_conv_runs_by_winograd_and_matches_onednn(capability, monkeypat
     x = torch.randn(8, 256, 4, 4).to(memory_format=torch.channels_last)
     grad_out = torch.randn(8, 256, 4, 4)
     assert plan_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) == WINOGRAD
-    y_fast, gx_fast, gw_fast = _grads(conv, x, grad_out)
+    y_fast, gx_fast, gw_fast = _fp32_grads(conv, x, grad_out)
     assert type(y_fast.grad_fn).__name__ == MATMUL_GRAD_FN
     monkeypatch.setenv(ENV_VAR, "native")
-    y_ref, gx_ref, gw_ref = _grads(conv, x, grad_out)
+    y_ref, gx_ref, gw_ref = _fp32_grads(conv, x, grad_out)
     assert type(y_ref.grad_fn).__name__ != MATMUL_GRAD_FN
     for name, fast, ref in (("forward", y_fast, y_ref), ("input", gx_fast, gx_ref), ("weight", gw_fast, gw_ref)):
         rel = ((fast - ref).norm() / ref.norm()).item()
