@@ -62,8 +62,8 @@ each network (its first warm-up step): forward + backward convolutions and matri
 BatchNorm, activations, the optimiser and other elementwise work are NOT counted (the usual
 "model FLOPs"), on a step with every convolution oneDNN's plain one (``SIMCLRV2_CONV_MATMUL=native``
 for that step), so the count does not depend on the algorithm. Where our step runs a 3x3
-convolution by Winograd's F(2x2, 3x3) (:mod:`simclrv2.models.conv_winograd`) it executes 4/9 of its
-multiplications; a second counted step gives the FLOPs executed (``executed_gflop_per_step``,
+convolution by Winograd's F(4x4, 3x3) (:mod:`simclrv2.models.conv_winograd`) it executes a quarter
+of its multiplications, plus the transforms'; a second counted step gives the FLOPs executed (``executed_gflop_per_step``,
 ``roofline.executed_fraction_of_best_kernel``), so the model-FLOP rate can exceed a kernel's rate
 and the JSON says by how much. The im2col passes count the same FLOPs as oneDNN's
 (``tests/test_conv_matmul.py``: the counter skips in-place ``addmm_``, so they use ``addmm(out=)``).
@@ -113,9 +113,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -770,11 +770,19 @@ def host_info(threads: int) -> dict[str, Any]:
             "theoretical": theoretical_peaks(info, flags, threads, bool(dnn.get("amx_in_use")))}
 
 
+def _proc_stat_cpu() -> list[int] | None:
+    """The jiffies of ``/proc/stat``'s all-CPU line (user, nice, system, idle, iowait, irq, softirq,
+    steal, ...); None off Linux."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
 def _cpu_ticks() -> tuple[int, int] | None:
     """(busy, total) jiffies over all CPUs from ``/proc/stat`` (None off Linux)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
+    fields = _proc_stat_cpu()
+    if fields is None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
@@ -783,11 +791,8 @@ def _cpu_ticks() -> tuple[int, int] | None:
 def cpu_steal_ticks() -> tuple[int, int] | None:
     """(steal, total) jiffies over all CPUs from ``/proc/stat``: on a virtual machine, the time the
     hypervisor ran something else on this guest's CPUs (None off Linux or where not reported)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7], sum(fields)) if len(fields) > 7 else None
+    fields = _proc_stat_cpu()
+    return (fields[7], sum(fields)) if fields is not None and len(fields) > 7 else None
 
 
 def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
@@ -1107,8 +1112,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "achieved_gflops": achieved,
         "executed_gflop_per_step": executed_ours / 1e9,
         "executed_fraction_of_best_kernel": achieved_executed / best_rate,
-        "executed_note": "the FLOPs our step executes (Winograd's F(2x2, 3x3) does 4/9 of a 3x3 convolution's "
-                         "multiplications where it runs), over the same time and best kernel", "step_precision": augment.rt.precision,
+        "executed_note": "the FLOPs our step executes (Winograd's F(4x4, 3x3) does a quarter of a 3x3 "
+                         "convolution's multiplications where it runs, plus its transforms), over the same time "
+                         "and best kernel",
+        "step_precision": augment.rt.precision,
         "best_kernel_gflops": best_rate, "best_kernel": best_kernel[top_tag]["at"],
         "definition": "roofline_fraction = achieved / max over the square-matmul and layer-shaped convolution "
                       "probes of every precision timed in this run",

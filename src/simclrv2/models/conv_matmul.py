@@ -200,7 +200,7 @@ def matmul_enabled_by_env() -> bool:
 class ConvPlan(NamedTuple):
     """How each pass of one convolution runs (module docstring): ``"onednn"``, ``"im2col"`` (a product
     over gathered patches), ``"shifted"`` (one product per tap, weight gradient only) or ``"winograd"``
-    (F(2x2, 3x3), :mod:`.conv_winograd`)."""
+    (F(4x4, 3x3), :mod:`.conv_winograd`)."""
 
     forward: str
     input_grad: str

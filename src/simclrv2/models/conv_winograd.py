@@ -39,6 +39,8 @@ transient buffers stay small next to the activations and the transforms stay in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -145,6 +147,18 @@ def _padded_input(x_nhwc: torch.Tensor, th: int, tw: int, m: int) -> torch.Tenso
     return F.pad(x_nhwc, (0, 0, 1, 1 + m * tw - w, 1, 1 + m * th - h))
 
 
+def _input_tile_chunks(x: torch.Tensor, th: int, tw: int, m: int,
+                       channels: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`_transform_input` a batch chunk at a time: ``(start, images, V)`` for ``x`` (NCHW), the
+    chunks sized by ``_CHUNK_BYTES`` of transformed tiles of ``channels`` (the larger side) each."""
+    n = x.shape[0]
+    x_nhwc = x.permute(0, 2, 3, 1)
+    chunk = _chunk_images(n, (m + 2) ** 2 * th * tw * channels * x.element_size())
+    for start in range(0, n, chunk):
+        b = min(n - start, chunk)
+        yield start, b, _transform_input(_padded_input(x_nhwc[start:start + b], th, tw, m), th, tw, m)
+
+
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, m: int | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, None, stride=1, padding=1)`` for a 3x3 ``weight``, by F(m x m, 3 x 3)
     (``m`` 2 or 4; default :func:`output_tile`). Returns NCHW in channels_last strides, in ``x``'s dtype."""
@@ -154,11 +168,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, m: int | None = None)
     th, tw = _tiles(h, w, m)
     u = _transform_weight(weight.to(x.dtype), m)
     out = torch.empty(n, h, w, c_out, dtype=x.dtype, device=x.device)
-    x_nhwc = x.permute(0, 2, 3, 1)
-    chunk = _chunk_images(n, (m + 2) ** 2 * th * tw * max(c_in, c_out) * x.element_size())
-    for start in range(0, n, chunk):
-        b = min(n - start, chunk)
-        v = _transform_input(_padded_input(x_nhwc[start:start + b], th, tw, m), th, tw, m)
+    for start, b, v in _input_tile_chunks(x, th, tw, m, max(c_in, c_out)):
         prods = torch.bmm(v, u)
         if (m * th, m * tw) == (h, w):
             _transform_output(prods, b, th, tw, m, out=out[start:start + b])
@@ -182,13 +192,9 @@ def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, m: int | None 
     c_out = grad_out.shape[1]
     m = m or output_tile(h, w)
     th, tw = _tiles(h, w, m)
-    x_nhwc = x.to(grad_out.dtype).permute(0, 2, 3, 1)
     g_nhwc = grad_out.permute(0, 2, 3, 1)
     grad_u = torch.zeros((m + 2) ** 2, c_in, c_out, dtype=grad_out.dtype, device=grad_out.device)
-    chunk = _chunk_images(n, (m + 2) ** 2 * th * tw * max(c_in, c_out) * grad_out.element_size())
-    for start in range(0, n, chunk):
-        b = min(n - start, chunk)
-        v = _transform_input(_padded_input(x_nhwc[start:start + b], th, tw, m), th, tw, m)
+    for start, b, v in _input_tile_chunks(x.to(grad_out.dtype), th, tw, m, max(c_in, c_out)):
         g = g_nhwc[start:start + b]
         if (m * th, m * tw) != (h, w):
             g = F.pad(g, (0, 0, 0, m * tw - w, 0, m * th - h))  # the cropped outputs had no gradient

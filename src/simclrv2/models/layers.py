@@ -120,9 +120,10 @@ class Conv2dFixedPadding(nn.Conv2d):
 
     @torch.jit.unused
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution outside TorchScript: in training on the CPU, where oneDNN is slow (small
-        outputs, strided weight gradients), some passes as matrix products
-        (:mod:`simclrv2.models.conv_matmul`, measured up to 4x faster per pass); otherwise ``nn.Conv2d``'s."""
+        """The convolution outside TorchScript: on the CPU, where oneDNN is slow (small outputs, strided
+        weight gradients) some training passes as matrix products, and in fp32 with many channels every
+        pass by Winograd, in inference too (:mod:`simclrv2.models.conv_matmul`, measured up to 4x faster
+        per pass); otherwise ``nn.Conv2d``'s."""
         plan = plan_conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
         if plan is not None:
             return conv2d_matmul(x, self.weight, self.stride, self.padding, plan)
